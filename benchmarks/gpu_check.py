@@ -1,0 +1,189 @@
+"""The GPU check, for a lent GPU: compiled Triton kernels against the CPU references, then timings.
+
+Prepare here (CPU): real weights and the wheels the GPU machine lacks go to .gpu/ (git-ignored):
+
+    python benchmarks/gpu_check.py --prepare .gpu
+
+then run there in one call (the device tool, carrying .gpu):
+
+    pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl &&
+    export PYTHONPATH=/tmp/site && pip install -q --no-deps --no-build-isolation -e . &&
+    python benchmarks/gpu_check.py --data .gpu
+
+Prints one table: each check (ok / FAILED, with the largest difference) and each timing (GB/s of
+bf16 output, median of CUDA-event timings) beside the card's own device-to-device copy GB/s
+measured in the same run. Every section runs even if an earlier one fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+ROWS: list[tuple[str, str, str]] = []
+
+
+def row(what: str, value: str, note: str = "") -> None:
+    ROWS.append((what, value, note))
+    print(f"| {what} | {value} | {note} |", flush=True)
+
+
+def section(fn):
+    def run(*args, **kwargs):
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # a broken section is reported, the rest still runs
+            row(fn.__name__, "FAILED", f"{type(e).__name__}: {e}")
+            traceback.print_exc()
+
+    return run
+
+
+def prepare(out: Path) -> None:
+    """Real weights (a few MiniLM matrices, bf16) and the wheels the GPU machine lacks."""
+    from safetensors.torch import save_file
+
+    from neuzip_offload import bundled
+
+    out.mkdir(parents=True, exist_ok=True)
+    mats = bundled.matrices(bundled.minilm_state_dict())
+    keep = {k: v.contiguous() for k, v in list(mats.items())[:12]}
+    save_file(keep, str(out / "minilm_part.safetensors"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+         "--python-version", "3.12", "--implementation", "cp",
+         "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
+         "-d", str(out / "wheels"), "zstandard"],
+        check=True,
+    )  # fmt: skip
+    print(f"prepared {out}: {sum(v.numel() for v in keep.values())} real weights + wheels")
+
+
+def cuda_time(fn, repeat: int = 20) -> float:
+    """Median seconds of ``fn`` on the current stream (CUDA events)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def real_weights(data: Path | None) -> dict[str, torch.Tensor]:
+    if data is not None and (data / "minilm_part.safetensors").exists():
+        from safetensors.torch import load_file
+
+        return load_file(str(data / "minilm_part.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    return {"synthetic": (torch.randn(1024, 1024, generator=g) * 0.02).to(torch.bfloat16)}
+
+
+@section
+def check_planes(dev: str) -> None:
+    from neuzip_offload.kernels import planes
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        ints = torch.int32 if dtype == torch.float32 else torch.int16
+        x = torch.randint(-(2**31), 2**31, (1 << 20,), generator=g, dtype=torch.int64).to(ints)
+        x = x.view(dtype)
+        sym, raw = planes.split(x)
+        tsym, traw = planes.split_triton(x.to(dev))
+        merged = planes.merge_triton(sym.to(dev), raw.to(dev), dtype).cpu()
+        ok = torch.equal(sym, tsym.cpu()) and torch.equal(raw, traw.cpu())
+        ok = ok and torch.equal(merged.view(ints), x.view(ints))
+        row(f"split/merge {dtype} (1M random patterns)", "ok" if ok else "FAILED")
+    for k in (0, 3, 7):
+        x = (torch.randn(1 << 20, generator=g) * 0.02).to(torch.bfloat16)
+        ref = planes.lossy_split(x, k, 512, True)
+        got = planes.lossy_split_triton(x.to(dev), k, 512, True)
+        same = all(torch.equal(a, b.cpu()) for a, b in zip(ref, got, strict=True))
+        y_ref = planes.lossy_merge(*ref, k, 512, torch.bfloat16)
+        y_tri = planes.lossy_merge_triton(*(t.to(dev) for t in ref), k, 512, torch.bfloat16)
+        same = same and torch.equal(y_ref.view(torch.int16), y_tri.cpu().view(torch.int16))
+        row(f"lossy split/merge k={k}", "ok" if same else "FAILED")
+
+
+@section
+def check_ans(dev: str, data: Path | None) -> None:
+    import neuzip_offload as nzo
+    from neuzip_offload.codec import decode_into
+    from neuzip_offload.config import CodecConfig
+
+    tensors = real_weights(data)
+    for mode in ("lossless", "lossy"):
+        cfg = CodecConfig(codec="ans", mode=mode, mantissa_bits=3)
+        cts = nzo.compress_many(list(tensors.values()), cfg, names=list(tensors))
+        bad = []
+        for ct in cts:
+            ref = nzo.decompress(ct).reshape(-1)
+            g = ct.to(dev)
+            out = torch.empty(ct.numel, dtype=ct.dtype, device=dev)
+            status = decode_into(g, out)
+            if not bool(status.all()) or not torch.equal(
+                out.cpu().view(torch.int16), ref.view(torch.int16)
+            ):
+                bad.append(ct.name)
+        row(f"rANS Triton decode, {mode}, {len(cts)} real tensors", "ok" if not bad else "FAILED",
+            ", ".join(bad))  # fmt: skip
+
+
+@section
+def time_decode(dev: str) -> None:
+    import neuzip_offload as nzo
+    from neuzip_offload.codec import decode_into
+    from neuzip_offload.config import CodecConfig
+
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 8192, 8192
+    x = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
+    src = x.to(dev)
+    dst = torch.empty_like(src)
+    copy = cuda_time(lambda: dst.copy_(src))
+    gb = 2 * x.numel() / 1e9
+    row("device-to-device copy, GB/s", f"{gb / copy:.0f}", f"{torch.cuda.get_device_name()}")
+    for mode, k in (("lossless", 0), ("lossy", 3)):
+        ct = nzo.compress(x, config=CodecConfig(codec="ans", mode=mode, mantissa_bits=k)).to(dev)
+        out = torch.empty(x.numel(), dtype=torch.bfloat16, device=dev)
+        ws = torch.empty(ct.header.n_chunks << ct.header.prob_bits, dtype=torch.int32, device=dev)
+        t = cuda_time(lambda ct=ct, out=out, ws=ws: decode_into(ct, out, workspace=ws))
+        note = f"{copy / t:.2f}x of copy; {ct.bits_per_weight:.3f} bits/weight"
+        row(f"rANS Triton decode {mode}, 67M weights, GB/s", f"{gb / t:.0f}", note)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prepare", type=Path, help="write real weights and wheels here (on the CPU)")
+    ap.add_argument("--data", type=Path, help="what --prepare wrote")
+    args = ap.parse_args()
+    if args.prepare:
+        prepare(args.prepare)
+        return
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check needs a CUDA device")
+    import triton
+
+    dev = "cuda"
+    interp = os.environ.get("TRITON_INTERPRET")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"triton {triton.__version__}, TRITON_INTERPRET={interp}")  # fmt: skip
+    print("| check | result | note |\n|---|---|---|")
+    check_planes(dev)
+    check_ans(dev, args.data)
+    time_decode(dev)
+
+
+if __name__ == "__main__":
+    main()

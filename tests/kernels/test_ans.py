@@ -1,0 +1,151 @@
+"""kernels/ans.py: the rANS coder, CPU reference against itself and against the Triton decoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from neuzip_offload.kernels import ans, planes
+
+from tests.helpers import TRITON_DEVICE, requires_triton, same_bits
+
+
+def _symbols(n: int, kind: str, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "single":
+        return torch.full((n,), 123, dtype=torch.uint8)
+    if kind == "uniform":
+        return torch.randint(0, 256, (n,), generator=g, dtype=torch.int64).to(torch.uint8)
+    if kind == "two":
+        return (torch.rand(n, generator=g) < 0.999).to(torch.uint8) * 200
+    # exponent-like: geometric around 120
+    return (120 + torch.distributions.Geometric(0.4).sample((n,)).clamp(max=100)).to(torch.uint8)
+
+
+@pytest.mark.parametrize("kind", ["single", "uniform", "two", "skewed"])
+@pytest.mark.parametrize("n", [0, 1, 31, 32, 33, 255, 256, 257, 5000])
+def test_round_trip_small_chunks(kind, n):
+    sym = _symbols(n, kind)
+    st = ans.encode(sym, chunk_size=256, lanes=32, prob_bits=10)
+    assert ans.validate(st, n, 256, 32, 10) is None
+    out, ok = ans.decode(st, n, 256, 32, 10)
+    assert torch.equal(out, sym) and bool(ok.all())
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "lanes", "prob_bits"),
+    [(1 << 16, 32, 12), (1024, 8, 12), (64, 64, 8), (4096, 16, 11)],
+)
+def test_round_trip_settings(chunk_size, lanes, prob_bits):
+    n = 3 * chunk_size + 17
+    sym = _symbols(n, "skewed", seed=chunk_size)
+    st = ans.encode(sym, chunk_size, lanes, prob_bits)
+    out, ok = ans.decode(st, n, chunk_size, lanes, prob_bits)
+    assert torch.equal(out, sym) and bool(ok.all())
+
+
+def test_batched_encode_and_decode_equal_one_by_one():
+    planes_ = [_symbols(n, k, seed=n) for n, k in [(700, "skewed"), (0, "uniform"),
+                                                   (1, "single"), (2000, "two")]]  # fmt: skip
+    together = ans.encode_many(planes_, 256, 32, 10)
+    for p, st in zip(planes_, together, strict=True):
+        alone = ans.encode(p, 256, 32, 10)
+        for field in ("words", "states", "word_offsets", "table_lo", "table_len", "table_freq"):
+            assert torch.equal(getattr(alone, field), getattr(st, field)), field
+    outs, oks = ans.decode_many(together, [p.numel() for p in planes_], 256, 32, 10)
+    for p, o, ok in zip(planes_, outs, oks, strict=True):
+        assert torch.equal(p, o) and bool(ok.all())
+
+
+def test_compresses_close_to_the_entropy():
+    sym = _symbols(1 << 18, "skewed")
+    st = ans.encode(sym)
+    p = torch.bincount(sym.long(), minlength=256).double() / sym.numel()
+    h = float(-(p[p > 0] * p[p > 0].log2()).sum())
+    coded = 16 * st.words.numel() + 32 * st.states.numel()
+    assert coded / sym.numel() < h + 0.02
+
+
+def test_normalized_tables_sum_to_m_and_keep_every_symbol():
+    counts = torch.zeros(3, 256, dtype=torch.int64)
+    counts[0, :] = 1  # all 256 symbols once
+    counts[1, 7] = 10**6  # one symbol
+    counts[2, :200] = 1
+    counts[2, 250] = 10**7  # 200 rare symbols beside a dominant one
+    freq = ans.normalize_counts(counts, 12)
+    assert torch.equal(freq.sum(dim=1), torch.full((3,), 4096))
+    assert torch.equal(freq > 0, counts > 0)
+
+
+def test_damaged_stream_is_reported_not_read_out_of_bounds():
+    sym = _symbols(3000, "skewed")
+    st = ans.encode(sym, 256, 32, 10)
+    st.states[5] ^= 0x1234  # a wrong start state: the lane cannot end at L
+    _, ok = ans.decode(st, 3000, 256, 32, 10)
+    assert not bool(ok[0]) and bool(ok[1:].all())
+    st = ans.encode(sym, 256, 32, 10)
+    st.words[:] = -1  # garbage words: every chunk ends in the wrong place or state
+    _, ok = ans.decode(st, 3000, 256, 32, 10)
+    assert not bool(ok.any())
+
+
+def test_validate_names_what_is_wrong():
+    st = ans.encode(_symbols(1000, "skewed"), 256, 32, 10)
+    assert ans.validate(st, 1000, 256, 32, 10) is None
+    assert "states" in ans.validate(st, 2000, 256, 32, 10)
+    bad = ans.AnsStream(**{**st.__dict__, "word_offsets": st.word_offsets.flip(0)})
+    assert "word offsets" in ans.validate(bad, 1000, 256, 32, 10)
+    freq = st.table_freq.clone()
+    freq[0] ^= 0x5
+    bad = ans.AnsStream(**{**st.__dict__, "table_freq": freq})
+    assert "sum" in ans.validate(bad, 1000, 256, 32, 10)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_decoder_matches_reference_lossless(dtype):
+    x = (torch.randn(1500) * torch.logspace(-3, 2, 1500)).to(dtype)
+    x[:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
+    sym, raw = planes.split(x)
+    st = ans.encode(sym, chunk_size=256, lanes=32, prob_bits=10)
+    dev = TRITON_DEVICE
+    st = ans.AnsStream(*(t.to(dev) for t in st.__dict__.values()))
+    out = torch.empty(x.numel(), dtype=dtype, device=dev)
+    status = ans.decode_triton(st, raw.to(dev), None, out, fmt=planes.FMT_OF[dtype],
+                               chunk_size=256, lanes=32, prob_bits=10)  # fmt: skip
+    assert bool(status.all())
+    assert same_bits(out.cpu(), x)
+
+
+@requires_triton
+@pytest.mark.parametrize(("k", "normalize", "dtype"),
+                         [(3, True, torch.bfloat16), (0, True, torch.float32),
+                          (7, False, torch.float16)])  # fmt: skip
+def test_triton_decoder_matches_reference_lossy(k, normalize, dtype):
+    x = (torch.randn(1200) * 0.05).to(dtype)
+    sym, field, scales = planes.lossy_split(x, k, 128, normalize)
+    ref = planes.lossy_merge(sym, field, scales, k, 128, dtype)
+    st = ans.encode(sym, chunk_size=512, lanes=32, prob_bits=12)
+    dev = TRITON_DEVICE
+    st = ans.AnsStream(*(t.to(dev) for t in st.__dict__.values()))
+    out = torch.empty(x.numel(), dtype=dtype, device=dev)
+    status = ans.decode_triton(
+        st, field.to(dev), None if scales is None else scales.to(dev), out,
+        fmt=planes.FMT_LOSSY, mantissa_bits=k, block_size=128,
+        chunk_size=512, lanes=32, prob_bits=12,
+    )  # fmt: skip
+    assert bool(status.all())
+    assert same_bits(out.cpu(), ref)
+
+
+@requires_triton
+def test_triton_decoder_reports_damage_without_faulting():
+    x = torch.randn(700).to(torch.bfloat16)
+    sym, raw = planes.split(x)
+    st = ans.encode(sym, chunk_size=256, lanes=32, prob_bits=10)
+    st.states[40] ^= 0x7777  # chunk 1
+    dev = TRITON_DEVICE
+    st = ans.AnsStream(*(t.to(dev) for t in st.__dict__.values()))
+    out = torch.empty(700, dtype=torch.bfloat16, device=dev)
+    status = ans.decode_triton(st, raw.to(dev), None, out, fmt=planes.FMT_BF16,
+                               chunk_size=256, lanes=32, prob_bits=10)  # fmt: skip
+    assert status.tolist() == [1, 0, 1]

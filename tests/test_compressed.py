@@ -1,0 +1,108 @@
+"""The format: header, serialization and damaged data (one error type, naming the tensor)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import neuzip_offload as nzo
+from neuzip_offload.compressed import CompressedTensor, DamagedDataError, Header
+from neuzip_offload.config import CodecConfig
+from tests.helpers import same_bits
+
+
+def _ct(codec: str = "ans", mode: str = "lossless", **kw) -> tuple[torch.Tensor, CompressedTensor]:
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(70, 90, generator=g) * 0.05).to(torch.bfloat16)
+    cfg = CodecConfig(codec=codec, mode=mode, chunk_size=512, block_size=64, **kw)
+    return x, nzo.compress(x, config=cfg, name="layers.0.q.weight")
+
+
+@pytest.mark.parametrize(
+    ("codec", "mode"),
+    [("ans", "lossless"), ("zstd", "lossless"), ("ans", "lossy"), ("zstd", "lossy")],
+)
+def test_state_round_trip(codec, mode):
+    x, ct = _ct(codec, mode)
+    header, planes = ct.state()
+    again = CompressedTensor.from_state(header, {k: v.clone() for k, v in planes.items()}, "t")
+    assert again.header == ct.header
+    assert same_bits(nzo.decompress(again), nzo.decompress(ct))
+    if mode == "lossless":
+        assert same_bits(nzo.decompress(again), x)
+
+
+def test_header_is_compact_versioned_json():
+    _, ct = _ct()
+    d = json.loads(ct.header.to_json())
+    assert d["v"] == nzo.FORMAT_VERSION and d["t"] == "bf16" and d["s"] == [70, 90]
+    assert ct.header_nbytes < 120
+    assert Header.from_json(ct.header.to_json()) == ct.header
+
+
+def test_unknown_version_is_refused_with_a_message():
+    _, ct = _ct()
+    d = json.loads(ct.header.to_json())
+    d["v"] = 99
+    with pytest.raises(DamagedDataError, match="version 99 is not supported"):
+        CompressedTensor.from_state(json.dumps(d), ct.planes, "w")
+
+
+@pytest.mark.parametrize("plane", ["exp", "meta", "raw", "scales"])
+def test_a_flipped_byte_fails_the_checksum_naming_the_tensor(plane):
+    _, ct = _ct(mode="lossy" if plane == "scales" else "lossless")
+    header, planes = ct.state()
+    planes = {k: v.clone() for k, v in planes.items()}
+    planes[plane][planes[plane].numel() // 2] ^= 0x10
+    with pytest.raises(DamagedDataError, match="layers.0.q.weight.*checksum"):
+        CompressedTensor.from_state(header, planes, "layers.0.q.weight")
+
+
+@pytest.mark.parametrize("plane", ["exp", "meta", "raw"])
+def test_a_truncated_plane_is_refused(plane):
+    _, ct = _ct()
+    header, planes = ct.state()
+    planes = dict(planes, **{plane: planes[plane][:-3]})
+    with pytest.raises(DamagedDataError, match=f"'{plane}' has .* expected"):
+        CompressedTensor.from_state(header, planes, "w")
+    with pytest.raises(DamagedDataError, match="mis-sized"):
+        CompressedTensor.from_state(header, planes, "w", verify=False)
+
+
+def test_missing_plane_and_garbage_header_are_refused():
+    _, ct = _ct()
+    header, planes = ct.state()
+    with pytest.raises(DamagedDataError, match="planes"):
+        CompressedTensor.from_state(header, {k: v for k, v in planes.items() if k != "raw"}, "w")
+    with pytest.raises(DamagedDataError, match="not a valid neuzip header"):
+        CompressedTensor.from_state("{not json", planes, "w")
+    d = json.loads(header)
+    d["s"] = [70, -90]
+    with pytest.raises(DamagedDataError, match="negative"):
+        CompressedTensor.from_state(json.dumps(d), planes, "w")
+
+
+@pytest.mark.parametrize("codec", ["ans", "zstd"])
+def test_damage_past_the_checksum_is_still_caught_by_the_decoder(codec):
+    """Even when checksums are skipped, decoding raises instead of returning garbage silently."""
+    _, ct = _ct(codec)
+    header, planes = ct.state()
+    planes = {k: v.clone() for k, v in planes.items()}
+    planes["exp"][10:40] = 0x5A
+    damaged = CompressedTensor.from_state(header, planes, "w", verify=False)
+    with pytest.raises(DamagedDataError, match="^w: "):
+        nzo.decompress(damaged)
+
+
+def test_inconsistent_index_is_reported_before_decoding():
+    _, ct = _ct("ans")
+    header, planes = ct.state()
+    meta = planes["meta"].clone()
+    C = ct.header.n_chunks
+    woff = meta[4 * C * 32 : 4 * C * 32 + 4 * (C + 1)].view(torch.int32)
+    woff[1] = 10**8  # a word offset past the end of the stream
+    damaged = CompressedTensor.from_state(header, dict(planes, meta=meta), "w", verify=False)
+    with pytest.raises(DamagedDataError, match="word offsets"):
+        nzo.decompress(damaged)
