@@ -21,11 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import zstandard
-from neuzip_offload.kernels import planes
 
 import neuzip_offload as nzo
 from neuzip_offload import bundled
 from neuzip_offload.config import CodecConfig
+from neuzip_offload.kernels import planes
 
 
 def load(name: str) -> dict[str, torch.Tensor]:
@@ -89,16 +89,33 @@ def run(name: str, repeat: int, pool: ThreadPoolExecutor) -> list[tuple]:
     rows.append(
         (name, "lossless zstd, bits/weight", bits(cts["zstd"]), "zstd-3 raw bf16", raw_zstd)
     )
-    rows.append((name, "lossy k=3 b=512 ans, bits/weight", bits(cts["ans lossy k=3"]),
-                 "order-0 bound", bound))  # fmt: skip
-    rows.append((name, "lossy k=3 b=512 zstd, bits/weight", bits(cts["zstd lossy k=3"]),
-                 "order-0 bound", bound))  # fmt: skip
+    rows.append(
+        (
+            name,
+            "lossy k=3 b=512 ans, bits/weight",
+            bits(cts["ans lossy k=3"]),
+            "order-0 bound",
+            bound,
+        )
+    )
+    rows.append(
+        (
+            name,
+            "lossy k=3 b=512 zstd, bits/weight",
+            bits(cts["zstd lossy k=3"]),
+            "order-0 bound",
+            bound,
+        )
+    )
 
     outs = [torch.empty_like(t) for t in tensors]
     src = [t.clone() for t in tensors]
     memcpy = median_time(lambda: [o.copy_(s) for o, s in zip(outs, src, strict=True)], repeat)
-    for k, label in (("zstd", "CPU decode zstd"), ("ans", "CPU decode ans"),
-                     ("zstd lossy k=3", "CPU decode zstd lossy k=3")):  # fmt: skip
+    for k, label in (
+        ("zstd", "CPU decode zstd"),
+        ("ans", "CPU decode ans"),
+        ("zstd lossy k=3", "CPU decode zstd lossy k=3"),
+    ):
         dt = median_time(lambda k=k: nzo.decompress_many(cts[k], outs, pool=pool), repeat)
         rows.append((name, f"{label}, GB/s", gb / dt, "memcpy GB/s", gb / memcpy))
     for k in ("zstd", "ans"):
@@ -112,15 +129,20 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["minilm", "smollm2"])
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} torch threads")  # fmt: skip
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads"
+    )
     print("| model | measure | ours | baseline | baseline value | ratio |")
     print("|---|---|---|---|---|---|")
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for name in args.models:
             for model, what, ours, base, value in run(name, args.repeat, pool):
-                print(f"| {model} | {what} | {ours:.4f} | {base} | {value:.4f} | "
-                      f"{ours / value:.3f} |", flush=True)  # fmt: skip
+                print(
+                    f"| {model} | {what} | {ours:.4f} | {base} | {value:.4f} | "
+                    f"{ours / value:.3f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ measured in the same run. Every section runs even if an earlier one fails.
 from __future__ import annotations
 
 import argparse
+import copy
+import inspect
 import os
 import statistics
 import subprocess
@@ -57,12 +59,27 @@ def prepare(out: Path) -> None:
     keep = {k: v.contiguous() for k, v in list(mats.items())[:12]}
     save_file(keep, str(out / "minilm_part.safetensors"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-         "--python-version", "3.12", "--implementation", "cp",
-         "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
-         "-d", str(out / "wheels"), "zstandard"],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "--implementation",
+            "cp",
+            "--platform",
+            "manylinux_2_17_x86_64",
+            "--platform",
+            "manylinux2014_x86_64",
+            "-d",
+            str(out / "wheels"),
+            "zstandard",
+        ],
         check=True,
-    )  # fmt: skip
+    )
     print(f"prepared {out}: {sum(v.numel() for v in keep.values())} real weights + wheels")
 
 
@@ -136,8 +153,11 @@ def check_ans(dev: str, data: Path | None) -> None:
                 out.cpu().view(torch.int16), ref.view(torch.int16)
             ):
                 bad.append(ct.name)
-        row(f"rANS Triton decode, {mode}, {len(cts)} real tensors", "ok" if not bad else "FAILED",
-            ", ".join(bad))  # fmt: skip
+        row(
+            f"rANS Triton decode, {mode}, {len(cts)} real tensors",
+            "ok" if not bad else "FAILED",
+            ", ".join(bad),
+        )
 
 
 @section
@@ -163,6 +183,123 @@ def time_decode(dev: str) -> None:
         row(f"rANS Triton decode {mode}, 67M weights, GB/s", f"{gb / t:.0f}", note)
 
 
+def _llama_1b():
+    """A ~0.85B-parameter Llama, random init (nothing is downloaded), bf16 on the host."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    with torch.device("cpu"):
+        return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+def _forward_seconds(model, batch: int, dev: str) -> float:
+    """Median time of one decode step (batch x 1 token after a 64-token cache), CUDA events."""
+    from transformers import DynamicCache
+
+    key = (
+        "cache"
+        if "cache" in inspect.signature(type(model).forward).parameters
+        else ("past_key_values")
+    )
+    ids = torch.randint(0, 32000, (batch, 64), device=dev)
+    with torch.no_grad():
+        cache = DynamicCache()
+        model(ids, use_cache=True, **{key: cache})
+        step = ids[:, -1:]
+
+        def one():
+            model(step, use_cache=True, **{key: cache})
+            cache.crop(64)  # back to the 64-token prefix for the next step
+
+        return cuda_time(one, repeat=10)
+
+
+def _h2d_gbps() -> float:
+    src = torch.empty(1 << 28, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src, device="cuda")
+    return src.numel() / 1e9 / cuda_time(lambda: dst.copy_(src, non_blocking=True))
+
+
+@section
+def dispatch_1b(dev: str) -> None:
+    import neuzip_offload as nzo
+
+    base = _llama_1b()
+    size = sum(p.numel() * p.element_size() for p in base.parameters())
+    h2d = _h2d_gbps()
+    row("pinned host-to-device copy, GB/s", f"{h2d:.1f}", "PCIe, measured")
+    ids = torch.randint(0, 32000, (1, 32))
+    plain = copy.deepcopy(base).to(dev)
+    with torch.no_grad():
+        ref = plain(ids.to(dev)).logits.float().cpu()
+    t_plain = {b: _forward_seconds(plain, b, dev) for b in (1, 8)}
+    del plain
+    torch.cuda.empty_cache()
+    budget = size // 4
+    times = {}
+    for label, kw in (("lossless", {}), ("lossy k=3", {"mode": "lossy", "mantissa_bits": 3})):
+        torch.cuda.reset_peak_memory_stats()
+        model = nzo.dispatch(copy.deepcopy(base), max_gpu_mem=budget, progress=False, **kw)
+        with torch.no_grad():
+            out = model(ids.to(dev)).logits.float().cpu()
+        same = torch.equal(out, ref)
+        t = _forward_seconds(model, 1, dev)
+        times[label] = t
+        bound = model.neuzip.plan.pcie_bytes_per_forward / (h2d * 1e9)
+        peak = torch.cuda.max_memory_allocated()
+        row(
+            f"1B, budget 25%, {label}: s/forward (batch 1)",
+            f"{t:.4f}",
+            f"PCIe bound {bound:.4f} s: {t / bound:.2f}x; logits "
+            f"{'bit-identical' if same else f'max diff {float((out - ref).abs().max()):.3g}'}",
+        )
+        row(
+            f"1B, budget 25%, {label}: peak allocated / budget",
+            f"{peak / budget:.3f}",
+            f"{peak / 1e9:.2f} GB of {budget / 1e9:.2f} GB",
+        )
+        nzo.undispatch(model)
+        del model
+        torch.cuda.empty_cache()
+    # accelerate, same budget: its device map and offload hooks (no prefetch, no compression)
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    acc = copy.deepcopy(base)
+    dmap = infer_auto_device_map(
+        acc, max_memory={0: budget, "cpu": 4 * size}, no_split_module_classes=acc._no_split_modules
+    )
+    acc = dispatch_model(acc, device_map=dmap, main_device=0)
+    t_acc = _forward_seconds(acc, 1, dev)
+    for label, t in times.items():
+        row(
+            f"1B, budget 25%: speed-up over accelerate offload, {label}",
+            f"{t_acc / t:.2f}x",
+            f"accelerate {t_acc:.4f} s/forward",
+        )
+    del acc
+    torch.cuda.empty_cache()
+    # the model fits: decode-on-the-fly from device-compressed blocks vs plain bf16, batch 8
+    model = nzo.dispatch(copy.deepcopy(base), max_gpu_mem=int(size * 0.9), progress=False)
+    tiers = model.neuzip.plan.tiers
+    t8 = _forward_seconds(model, 8, dev)
+    row(
+        "1B fits (90% budget), lossless, batch 8: speed vs bf16",
+        f"{t_plain[8] / t8:.2f}x",
+        f"tiers {dict((t, tiers.count(t)) for t in set(tiers))}; bf16 {t_plain[8]:.4f} s, "
+        f"ours {t8:.4f} s",
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prepare", type=Path, help="write real weights and wheels here (on the CPU)")
@@ -177,12 +314,15 @@ def main() -> None:
 
     dev = "cuda"
     interp = os.environ.get("TRITON_INTERPRET")
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"triton {triton.__version__}, TRITON_INTERPRET={interp}")  # fmt: skip
+    print(
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"triton {triton.__version__}, TRITON_INTERPRET={interp}"
+    )
     print("| check | result | note |\n|---|---|---|")
     check_planes(dev)
     check_ans(dev, args.data)
     time_decode(dev)
+    dispatch_1b(dev)
 
 
 if __name__ == "__main__":

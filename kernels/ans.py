@@ -520,9 +520,19 @@ if HAS_TRITON:
             x = tl.where(need, (x << 16) | w, x)
             ptr += tl.sum(need.to(tl.int64), 0)
             _planes.merge_values(
-                e & 0xFF, offs, valid, n, raw_ptr, scale_ptr, out_ptr,
-                FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
-            )  # fmt: skip
+                e & 0xFF,
+                offs,
+                valid,
+                n,
+                raw_ptr,
+                scale_ptr,
+                out_ptr,
+                FMT,
+                K,
+                BLOCK_SIZE,
+                NORMALIZE,
+                OUT,
+            )
         ok = (tl.sum((x != 65536).to(tl.int32), 0) == 0) & (ptr == end)
         tl.store(status_ptr + c, ok.to(tl.int8))
 
@@ -556,13 +566,33 @@ def decode_triton(
     M = 1 << prob_bits
     if workspace is None:
         workspace = torch.empty(C * M, dtype=torch.int32, device=out.device)
-    _lut_kernel[(C,)](stream.table_lo, stream.table_offsets(), stream.table_freq, workspace,
-                      stream.table_freq.numel(), PROB_BITS=prob_bits, num_warps=4)  # fmt: skip
+    _lut_kernel[(C,)](
+        stream.table_lo,
+        stream.table_offsets(),
+        stream.table_freq,
+        workspace,
+        stream.table_freq.numel(),
+        PROB_BITS=prob_bits,
+        num_warps=4,
+    )
     _decode_kernel[(C,)](
-        stream.words, stream.states, stream.word_offsets, workspace, raw,
-        scales if scales is not None else raw, _planes.out_bits_view(out), status, n,
-        CHUNK=chunk_size, LANES=lanes, PROB_BITS=prob_bits, FMT=fmt, K=mantissa_bits,
-        BLOCK_SIZE=block_size, NORMALIZE=scales is not None, OUT=_planes.FMT_OF[out.dtype],
+        stream.words,
+        stream.states,
+        stream.word_offsets,
+        workspace,
+        raw,
+        scales if scales is not None else raw,
+        _planes.out_bits_view(out),
+        status,
+        n,
+        CHUNK=chunk_size,
+        LANES=lanes,
+        PROB_BITS=prob_bits,
+        FMT=fmt,
+        K=mantissa_bits,
+        BLOCK_SIZE=block_size,
+        NORMALIZE=scales is not None,
+        OUT=_planes.FMT_OF[out.dtype],
         num_warps=1,
-    )  # fmt: skip
+    )
     return status

@@ -84,21 +84,34 @@ def _bytes_view(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.uint8).view(x.numel(), x.element_size())
 
 
+def _field_positions(width: int):
+    """For each of the 8 values of a group: (byte, shift, spills into the next byte)."""
+    for p in range(8):
+        bit = p * width
+        yield p, bit >> 3, bit & 7, (bit & 7) + width > 8
+
+
 def pack_bits(codes: torch.Tensor, width: int) -> torch.Tensor:
-    """Pack uint8 ``codes`` (each < 2**width) into ``width * ceil(n/8)`` bytes."""
+    """Pack uint8 ``codes`` (each < 2**width) into ceil(n * width / 8) bytes.
+
+    Byte operations on the [groups, 8] view of the codes: each of the 8 positions of a group ORs
+    its bits into one byte of the group, or two when it straddles a byte boundary.
+    """
     if not 1 <= width <= 8:
         raise ValueError(f"width must be in 1..8, got {width}")
     n = codes.numel()
     if width == 8:
         return codes.reshape(-1).clone()
-    groups = (n + 7) // 8  # the last group is cut to the bytes its values need
-    padded = torch.zeros(groups * 8, dtype=torch.int64, device=codes.device)
-    padded[:n] = codes.reshape(-1)
-    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * width
-    words = (padded.view(groups, 8) << shifts).sum(dim=1)  # fields never overlap: sum == or
-    byte_shifts = torch.arange(width, device=codes.device, dtype=torch.int64) * 8
-    packed = ((words[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
-    return packed[: packed_nbytes(n, width)]
+    groups = (n + 7) // 8
+    c = torch.zeros(groups * 8, dtype=torch.uint8, device=codes.device)
+    c[:n] = codes.reshape(-1)
+    c = c.view(groups, 8)
+    grid = torch.zeros(groups, width, dtype=torch.uint8, device=codes.device)
+    for p, byte, shift, spills in _field_positions(width):
+        grid[:, byte] |= c[:, p] << shift
+        if spills:
+            grid[:, byte + 1] |= c[:, p] >> (8 - shift)
+    return grid.reshape(-1)[: packed_nbytes(n, width)]
 
 
 def unpack_bits(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
@@ -106,14 +119,28 @@ def unpack_bits(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
     if width == 8:
         return packed[:n]
     groups = (n + 7) // 8
-    grid = torch.zeros(groups * width, dtype=torch.int64, device=packed.device)
-    grid[: packed_nbytes(n, width)] = packed[: packed_nbytes(n, width)]
-    grid = grid.view(groups, width)
-    byte_shifts = torch.arange(width, device=packed.device, dtype=torch.int64) * 8
-    words = (grid << byte_shifts).sum(dim=1)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * width
-    fields = (words[:, None] >> shifts) & ((1 << width) - 1)
-    return fields.to(torch.uint8).reshape(-1)[:n]
+    need = packed_nbytes(n, width)
+    if groups * width == need:
+        grid = packed[:need].view(groups, width)
+    else:  # the last group is cut short: pad it
+        grid = torch.zeros(groups * width, dtype=torch.uint8, device=packed.device)
+        grid[:need] = packed[:need]
+        grid = grid.view(groups, width)
+    mask = (1 << width) - 1
+    if 8 % width == 0:  # fields never straddle: one shift and mask per field of a byte
+        per = 8 // width
+        flat = grid.reshape(-1)
+        out = torch.empty(flat.numel(), per, dtype=torch.uint8, device=packed.device)
+        for i in range(per):
+            torch.bitwise_and(flat >> (i * width), mask, out=out[:, i])
+        return out.reshape(-1)[:n]
+    out = torch.empty(groups, 8, dtype=torch.uint8, device=packed.device)
+    for p, byte, shift, spills in _field_positions(width):
+        v = grid[:, byte] >> shift
+        if spills:
+            v = v | (grid[:, byte + 1] << (8 - shift))
+        torch.bitwise_and(v, mask, out=out[:, p])
+    return out.reshape(-1)[:n]
 
 
 def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,8 +287,9 @@ def lossy_merge(
     if scales is None:
         out.copy_(y)
         return out
-    b0 = start // block_size
-    m = unpack_bits(scales, SCALE_BITS, b0 + n_blocks(n, block_size))[b0:]
+    b0 = start // block_size  # a multiple of 8 when start is a multiple of 8 * block_size
+    g0 = (b0 // 8) * SCALE_BITS
+    m = unpack_bits(scales[g0:], SCALE_BITS, b0 % 8 + n_blocks(n, block_size))[b0 % 8 :]
     s = scale_values(m)
     prod = (_block_view(y.float(), block_size) * s[:, None]).reshape(-1)[:n]
     out.copy_(prod)  # the one rounding to the output dtype (none for fp32: the product is exact)
@@ -481,9 +509,18 @@ def merge_triton(
     if n:
         grid = (triton.cdiv(n, _TILE),)
         _merge_kernel[grid](
-            symbols, raw, symbols, out_bits_view(out), n,
-            FMT=FMT_OF[dtype], K=0, BLOCK_SIZE=1, NORMALIZE=False, OUT=FMT_OF[dtype], TILE=_TILE,
-        )  # fmt: skip
+            symbols,
+            raw,
+            symbols,
+            out_bits_view(out),
+            n,
+            FMT=FMT_OF[dtype],
+            K=0,
+            BLOCK_SIZE=1,
+            NORMALIZE=False,
+            OUT=FMT_OF[dtype],
+            TILE=_TILE,
+        )
     return out
 
 
@@ -504,10 +541,18 @@ def lossy_merge_triton(
     if n:
         grid = (triton.cdiv(n, _TILE),)
         _merge_kernel[grid](
-            symbols, field, scales if scales is not None else symbols, out_bits_view(out), n,
-            FMT=FMT_LOSSY, K=mantissa_bits, BLOCK_SIZE=block_size,
-            NORMALIZE=scales is not None, OUT=FMT_OF[dtype], TILE=_TILE,
-        )  # fmt: skip
+            symbols,
+            field,
+            scales if scales is not None else symbols,
+            out_bits_view(out),
+            n,
+            FMT=FMT_LOSSY,
+            K=mantissa_bits,
+            BLOCK_SIZE=block_size,
+            NORMALIZE=scales is not None,
+            OUT=FMT_OF[dtype],
+            TILE=_TILE,
+        )
     return out
 
 
@@ -563,9 +608,16 @@ def lossy_split_triton(
     if n:
         tile = max(_TILE, block_size)
         _lossy_split_kernel[(triton.cdiv(n, tile),)](
-            flat, symbols, field, scales if scales is not None else symbols, n,
-            K=k, BLOCK_SIZE=block_size if normalize else 1, NORMALIZE=normalize, TILE=tile,
-        )  # fmt: skip
+            flat,
+            symbols,
+            field,
+            scales if scales is not None else symbols,
+            n,
+            K=k,
+            BLOCK_SIZE=block_size if normalize else 1,
+            NORMALIZE=normalize,
+            TILE=tile,
+        )
     if scales is None:
         return symbols, field, None
     return symbols, field, pack_bits_triton(scales, SCALE_BITS)

@@ -1,17 +1,25 @@
 """neuzip_offload: NeuZip-compressed weights, tiered offloading and prefetch for small GPUs.
 
+Run a model under a device-memory budget, or compress single tensors:
+
     import neuzip_offload as nzo
-    ct = nzo.compress(w)                  # lossless; or mode="lossy", mantissa_bits=3
+    model = nzo.dispatch(model, max_gpu_mem="8GB")       # then model.generate(...) as usual
+    ct = nzo.compress(w)                                 # or mode="lossy", mantissa_bits=3
     w2 = nzo.decompress(ct)
+
+See README.md for the rest.
 """
 
 from __future__ import annotations
 
 import logging
 
+from .api import DispatchError, dispatch, estimate_reserve, undispatch
+from .budget import parse_size
 from .codec import compress, compress_many, decompress, decompress_many
 from .compressed import FORMAT_VERSION, CompressedTensor, DamagedDataError
 from .config import CodecConfig
+from .scheduler.plan import Plan, PlanError
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -20,9 +28,16 @@ __all__ = [
     "CodecConfig",
     "CompressedTensor",
     "DamagedDataError",
+    "DispatchError",
+    "Plan",
+    "PlanError",
     "compress",
     "compress_many",
     "decompress",
     "decompress_many",
+    "dispatch",
+    "estimate_reserve",
+    "parse_size",
+    "undispatch",
 ]
 __version__ = "0.1.0"

@@ -71,9 +71,13 @@ def compress(
     """
     if config is None:
         config = CodecConfig(
-            mode=mode, codec=codec, mantissa_bits=mantissa_bits, block_size=block_size,
-            normalize=normalize, chunk_size=chunk_size,
-        )  # fmt: skip
+            mode=mode,
+            codec=codec,
+            mantissa_bits=mantissa_bits,
+            block_size=block_size,
+            normalize=normalize,
+            chunk_size=chunk_size,
+        )
     return _compress_many([w], config, [name], [name or "w"])[0]
 
 
@@ -137,14 +141,20 @@ def _compress_many(
             cpu_planes["scales"] = scales.cpu()
         lossy = c.mode == "lossy"
         header = Header(
-            dtype=t.dtype, shape=tuple(t.shape), mode=c.mode, codec=c.codec,
+            dtype=t.dtype,
+            shape=tuple(t.shape),
+            mode=c.mode,
+            codec=c.codec,
             mantissa_bits=c.mantissa_bits if lossy else 0,
             block_size=c.block_size if (lossy and c.normalize) else 1,
-            normalize=lossy and c.normalize, chunk_size=chunk,
+            normalize=lossy and c.normalize,
+            chunk_size=chunk,
             lanes=c.lanes if c.codec == "ans" else ans.DEFAULT_LANES,
             prob_bits=c.prob_bits if c.codec == "ans" else ans.DEFAULT_PROB_BITS,
-            table_len=table_len, exp_nbytes=exp.numel(), crc=fmt.planes_crc(cpu_planes),
-        )  # fmt: skip
+            table_len=table_len,
+            exp_nbytes=exp.numel(),
+            crc=fmt.planes_crc(cpu_planes),
+        )
         final = {
             k: (v if t.device.type == "cpu" else v.to(t.device)) for k, v in cpu_planes.items()
         }
@@ -192,11 +202,20 @@ def _merge_range(
         scales = ct.planes.get("scales")
         if use_triton:
             assert start == 0
-            planes.lossy_merge_triton(sym, ct.planes["raw"], scales, h.mantissa_bits,
-                                      h.block_size, h.dtype, out=dst)  # fmt: skip
+            planes.lossy_merge_triton(
+                sym, ct.planes["raw"], scales, h.mantissa_bits, h.block_size, h.dtype, out=dst
+            )
         else:
-            planes.lossy_merge(sym, ct.planes["raw"], scales, h.mantissa_bits, h.block_size,
-                               h.dtype, out=dst, start=start)  # fmt: skip
+            planes.lossy_merge(
+                sym,
+                ct.planes["raw"],
+                scales,
+                h.mantissa_bits,
+                h.block_size,
+                h.dtype,
+                out=dst,
+                start=start,
+            )
     elif use_triton:
         assert start == 0
         planes.merge_triton(sym, ct.planes["raw"], h.dtype, out=dst)
@@ -220,6 +239,8 @@ def decode_into(
 
     On CUDA this only enqueues kernels and returns the per-chunk status (int8, 1 = ok) for the
     caller to check when it likes; on the CPU it checks at once and returns None.
+    ``workspace``: scratch to reuse — int32 rANS slot tables on CUDA (n_chunks << prob_bits
+    entries), the uint8 symbol buffer (numel bytes) for zstd on the CPU.
     ``use_triton`` forces the Triton path (tests run it on CPU tensors under TRITON_INTERPRET=1).
     """
     h = ct.header
@@ -228,18 +249,28 @@ def decode_into(
     triton_path = _use_triton(out) if use_triton is None else use_triton
     if h.codec == "ans" and triton_path:
         return ans.decode_triton(
-            ct.ans_stream(), ct.planes["raw"], ct.planes.get("scales"), out,
-            fmt=_fmt_code(h), mantissa_bits=h.mantissa_bits, block_size=h.block_size,
-            chunk_size=h.chunk_size, lanes=h.lanes, prob_bits=h.prob_bits, workspace=workspace,
-        )  # fmt: skip
+            ct.ans_stream(),
+            ct.planes["raw"],
+            ct.planes.get("scales"),
+            out,
+            fmt=_fmt_code(h),
+            mantissa_bits=h.mantissa_bits,
+            block_size=h.block_size,
+            chunk_size=h.chunk_size,
+            lanes=h.lanes,
+            prob_bits=h.prob_bits,
+            workspace=workspace,
+        )
     if h.codec == "ans":
         _decode_ans_cpu([ct], [out])
         return None
-    _decode_zstd(ct, out, pool, triton_path)
+    _decode_zstd(ct, out, pool, triton_path, workspace)
     return None
 
 
-def _zstd_frames(ct: CompressedTensor, pool: Executor | None):
+def _zstd_frames(
+    ct: CompressedTensor, pool: Executor | None, workspace: torch.Tensor | None = None
+):
     """(symbols buffer, iterator of decoded frames) for a zstd-coded tensor."""
     h = ct.header
     exp, meta = ct.planes["exp"], ct.planes["meta"]
@@ -249,17 +280,19 @@ def _zstd_frames(ct: CompressedTensor, pool: Executor | None):
     problem = zstd.validate(exp, offsets, h.numel, h.chunk_size)
     if problem:
         raise _damaged(ct, problem)
-    symbols = torch.empty(h.numel, dtype=torch.uint8)
+    if workspace is not None and workspace.device.type == "cpu" and workspace.numel() >= h.numel:
+        symbols = workspace.view(torch.uint8)[: h.numel]
+    else:
+        symbols = torch.empty(h.numel, dtype=torch.uint8)
     return symbols, zstd.decode(exp, offsets, symbols, h.chunk_size, pool)
 
 
 def _finish_zstd(ct: CompressedTensor, out: torch.Tensor, frames, symbols, triton_path: bool):
     """Merge the frames of one tensor as they arrive (at the end when they would split a block)."""
     h = ct.header
-    per_frame = (
-        out.device.type == "cpu" and not triton_path
-        and (not h.normalize or h.chunk_size % h.block_size == 0)
-    )  # fmt: skip
+    # Lossless merges are a few byte operations: worth doing per frame, as frames arrive.
+    # Lossy merges cost more per call: one merge once every frame is in.
+    per_frame = out.device.type == "cpu" and not triton_path and not h.lossy
     try:
         for start, sym in frames:
             if per_frame:
@@ -273,9 +306,13 @@ def _finish_zstd(ct: CompressedTensor, out: torch.Tensor, frames, symbols, trito
 
 
 def _decode_zstd(
-    ct: CompressedTensor, out: torch.Tensor, pool: Executor | None, triton_path: bool
+    ct: CompressedTensor,
+    out: torch.Tensor,
+    pool: Executor | None,
+    triton_path: bool,
+    workspace: torch.Tensor | None = None,
 ) -> None:
-    symbols, frames = _zstd_frames(ct, pool)
+    symbols, frames = _zstd_frames(ct, pool, workspace)
     _finish_zstd(ct, out, frames, symbols, triton_path)
 
 
@@ -301,8 +338,19 @@ def _cpu_stream(ct: CompressedTensor) -> ans.AnsStream:
     st = ct.ans_stream()
     if ct.device.type == "cpu":
         return st
-    return ans.AnsStream(*(t.cpu() for t in (st.words, st.states, st.word_offsets, st.table_lo,
-                                             st.table_len, st.table_freq)))  # fmt: skip
+    return ans.AnsStream(
+        *(
+            t.cpu()
+            for t in (
+                st.words,
+                st.states,
+                st.word_offsets,
+                st.table_lo,
+                st.table_len,
+                st.table_freq,
+            )
+        )
+    )
 
 
 def decompress(

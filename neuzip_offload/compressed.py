@@ -163,9 +163,10 @@ class Header:
         """The size every plane must have."""
         n = self.numel
         layout = (
-            planes.lossy_layout(self.mantissa_bits) if self.lossy
+            planes.lossy_layout(self.mantissa_bits)
+            if self.lossy
             else planes.lossless_layout(self.dtype)
-        )  # fmt: skip
+        )
         C = self.n_chunks
         if self.codec == "ans":
             meta = 4 * C * self.lanes + 4 * (C + 1) + 2 * C

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from neuzip_offload.kernels import HAS_TRITON
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -25,10 +26,22 @@ def fp32_specials_and_random(n: int = 200_000, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     bits = torch.randint(-(1 << 31), 1 << 31, (n,), generator=g, dtype=torch.int64).to(torch.int32)
     specials = torch.tensor(
-        [0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0xFFFFFFFF,
-         0x00000001, 0x807FFFFF, 0x7F7FFFFF, 0x00800000, 0x3F800000],
+        [
+            0x00000000,
+            0x80000000,
+            0x7F800000,
+            0xFF800000,
+            0x7FC00000,
+            0x7F800001,
+            0xFFFFFFFF,
+            0x00000001,
+            0x807FFFFF,
+            0x7F7FFFFF,
+            0x00800000,
+            0x3F800000,
+        ],
         dtype=torch.int64,
-    ).to(torch.int32)  # fmt: skip
+    ).to(torch.int32)
     return torch.cat([bits, specials]).view(torch.float32)
 
 
@@ -38,3 +51,40 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     ints = {2: torch.int16, 4: torch.int32}[a.element_size()]
     return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+
+
+def tiny_llama(tied: bool = False, dtype: torch.dtype = torch.bfloat16, layers: int = 4, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def tiny_gpt2(dtype: torch.dtype = torch.float32, seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=500,
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def model_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())

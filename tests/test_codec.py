@@ -64,8 +64,13 @@ _shapes = st.lists(st.integers(0, 40), min_size=0, max_size=3).map(tuple)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(dtype=_dtypes, shape=_shapes, codec=st.sampled_from(CODECS), seed=st.integers(0, 2**31),
-       transpose=st.booleans())  # fmt: skip
+@given(
+    dtype=_dtypes,
+    shape=_shapes,
+    codec=st.sampled_from(CODECS),
+    seed=st.integers(0, 2**31),
+    transpose=st.booleans(),
+)
 def test_any_shape_and_bit_pattern_round_trips(dtype, shape, codec, seed, transpose):
     n = math.prod(shape)
     g = torch.Generator().manual_seed(seed)
@@ -82,8 +87,13 @@ def test_any_shape_and_bit_pattern_round_trips(dtype, shape, codec, seed, transp
 
 
 @settings(max_examples=25, deadline=None)
-@given(k=st.integers(0, 7), block_log=st.integers(0, 10), n=st.integers(1, 3000),
-       seed=st.integers(0, 2**31), codec=st.sampled_from(CODECS))  # fmt: skip
+@given(
+    k=st.integers(0, 7),
+    block_log=st.integers(0, 10),
+    n=st.integers(1, 3000),
+    seed=st.integers(0, 2**31),
+    codec=st.sampled_from(CODECS),
+)
 def test_lossy_bound_holds_for_any_k_and_block(k, block_log, n, seed, codec):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g))).to(torch.bfloat16)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from neuzip_offload.kernels import ans, planes
 
+from neuzip_offload.kernels import ans, planes
 from tests.helpers import TRITON_DEVICE, requires_triton, same_bits
 
 
@@ -44,8 +44,10 @@ def test_round_trip_settings(chunk_size, lanes, prob_bits):
 
 
 def test_batched_encode_and_decode_equal_one_by_one():
-    planes_ = [_symbols(n, k, seed=n) for n, k in [(700, "skewed"), (0, "uniform"),
-                                                   (1, "single"), (2000, "two")]]  # fmt: skip
+    planes_ = [
+        _symbols(n, k, seed=n)
+        for n, k in [(700, "skewed"), (0, "uniform"), (1, "single"), (2000, "two")]
+    ]
     together = ans.encode_many(planes_, 256, 32, 10)
     for p, st in zip(planes_, together, strict=True):
         alone = ans.encode(p, 256, 32, 10)
@@ -110,16 +112,18 @@ def test_triton_decoder_matches_reference_lossless(dtype):
     dev = TRITON_DEVICE
     st = ans.AnsStream(*(t.to(dev) for t in st.__dict__.values()))
     out = torch.empty(x.numel(), dtype=dtype, device=dev)
-    status = ans.decode_triton(st, raw.to(dev), None, out, fmt=planes.FMT_OF[dtype],
-                               chunk_size=256, lanes=32, prob_bits=10)  # fmt: skip
+    status = ans.decode_triton(
+        st, raw.to(dev), None, out, fmt=planes.FMT_OF[dtype], chunk_size=256, lanes=32, prob_bits=10
+    )
     assert bool(status.all())
     assert same_bits(out.cpu(), x)
 
 
 @requires_triton
-@pytest.mark.parametrize(("k", "normalize", "dtype"),
-                         [(3, True, torch.bfloat16), (0, True, torch.float32),
-                          (7, False, torch.float16)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("k", "normalize", "dtype"),
+    [(3, True, torch.bfloat16), (0, True, torch.float32), (7, False, torch.float16)],
+)
 def test_triton_decoder_matches_reference_lossy(k, normalize, dtype):
     x = (torch.randn(1200) * 0.05).to(dtype)
     sym, field, scales = planes.lossy_split(x, k, 128, normalize)
@@ -129,10 +133,17 @@ def test_triton_decoder_matches_reference_lossy(k, normalize, dtype):
     st = ans.AnsStream(*(t.to(dev) for t in st.__dict__.values()))
     out = torch.empty(x.numel(), dtype=dtype, device=dev)
     status = ans.decode_triton(
-        st, field.to(dev), None if scales is None else scales.to(dev), out,
-        fmt=planes.FMT_LOSSY, mantissa_bits=k, block_size=128,
-        chunk_size=512, lanes=32, prob_bits=12,
-    )  # fmt: skip
+        st,
+        field.to(dev),
+        None if scales is None else scales.to(dev),
+        out,
+        fmt=planes.FMT_LOSSY,
+        mantissa_bits=k,
+        block_size=128,
+        chunk_size=512,
+        lanes=32,
+        prob_bits=12,
+    )
     assert bool(status.all())
     assert same_bits(out.cpu(), ref)
 
@@ -146,6 +157,7 @@ def test_triton_decoder_reports_damage_without_faulting():
     dev = TRITON_DEVICE
     st = ans.AnsStream(*(t.to(dev) for t in st.__dict__.values()))
     out = torch.empty(700, dtype=torch.bfloat16, device=dev)
-    status = ans.decode_triton(st, raw.to(dev), None, out, fmt=planes.FMT_BF16,
-                               chunk_size=256, lanes=32, prob_bits=10)  # fmt: skip
+    status = ans.decode_triton(
+        st, raw.to(dev), None, out, fmt=planes.FMT_BF16, chunk_size=256, lanes=32, prob_bits=10
+    )
     assert status.tolist() == [1, 0, 1]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from neuzip_offload.kernels import planes
 
+from neuzip_offload.kernels import planes
 from tests.helpers import (
     TRITON_DEVICE,
     all_bf16,
@@ -41,8 +41,9 @@ def test_merge_by_frames_equals_whole(dtype):
     out = torch.empty_like(x)
     for start in range(0, x.numel(), 4096):
         piece = sym[start : start + 4096]
-        planes.merge(piece, raw, dtype, out=out[start : start + piece.numel()], start=start,
-                     total=x.numel())  # fmt: skip
+        planes.merge(
+            piece, raw, dtype, out=out[start : start + piece.numel()], start=start, total=x.numel()
+        )
     assert same_bits(out, x)
 
 

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 import zstandard
+
 from neuzip_offload.kernels import zstd
 
 

@@ -1,0 +1,69 @@
+"""Memory sizes: parsed once, at the boundary, into bytes.
+
+"8GB" is 8·10^9 bytes and "8GiB" 8·2^30; ints are bytes. Bits ("8Gb") and unknown units are
+refused with a hint. The host budget defaults to what psutil reports as available, less headroom.
+"""
+
+from __future__ import annotations
+
+import re
+
+import psutil
+
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+
+HOST_HEADROOM = 0.10  # keep this fraction of the available host memory free
+HOST_HEADROOM_MIN = 1 << 30
+
+
+def parse_size(value: int | str, name: str) -> int:
+    """Bytes from an int or a string such as "8GB", "6GiB", "512MB", "512MiB", "1.5GB"."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{name} must be an int (bytes) or a string like '8GB', got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{name} must not be negative, got {value}")
+        return value
+    m = _PATTERN.match(value)
+    if not m:
+        raise ValueError(
+            f"{name}={value!r} is not a size; expected e.g. '8GB', '6GiB' or 512000000"
+        )
+    number, unit = m.groups()
+    unit = unit or "B"
+    if len(unit) == 2 and unit[1] == "b" and unit[0].upper() in "KMGT":  # "8Gb", "8gb": bits
+        raise ValueError(
+            f"{name}={value!r} is in bits; did you mean '{number}{unit[:-1].upper()}B' (bytes)?"
+        )
+    factor = _UNITS.get(unit.lower())
+    if factor is None:
+        raise ValueError(
+            f"{name}={value!r}: unknown unit {unit!r}; use B, KB, MB, GB, TB (powers of 10) "
+            "or KiB, MiB, GiB, TiB (powers of 2)"
+        )
+    return int(float(number) * factor)
+
+
+def format_size(n: float) -> str:
+    """Human-readable bytes, powers of 2 (e.g. '1.50 GiB')."""
+    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def host_available() -> int:
+    """Host bytes a plan may use by default: available memory less 10% (at least 1 GiB)."""
+    avail = psutil.virtual_memory().available
+    return max(0, avail - max(int(avail * HOST_HEADROOM), HOST_HEADROOM_MIN))

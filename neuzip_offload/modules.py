@@ -1,0 +1,161 @@
+"""Modules whose weights live compressed: they ask the executor for the decoded weight as they run.
+
+A weight is one *piece* or several (row ranges of a Linear or Embedding, column ranges of a
+transformers Conv1D), each piece a block of its own, so that a weight larger than a slot streams
+through it piece by piece. One-piece weights belong to a block entered by hooks on the block's root
+module (a decoder layer, or the module itself); multi-piece weights enter their pieces themselves.
+Results are bit-identical to the original module's: the same kernels on the same values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Piece:
+    key: str  # the executor's name for the decoded tensor
+    start: int  # range along the split dimension
+    stop: int
+    block: int  # the executor's block index
+
+
+class CompressedModule(nn.Module):
+    """Common part: the executor, the pieces, the original module (kept for undispatch)."""
+
+    split_dim = 0
+
+    def __init__(self, original: nn.Module, pieces: list[Piece], executor, shape, dtype):
+        super().__init__()
+        object.__setattr__(self, "_executor", executor)  # not a submodule
+        object.__setattr__(self, "original", original)
+        self.pieces = list(pieces)
+        self.weight_shape = torch.Size(shape)
+        self.weight_dtype = dtype
+        self.bias = getattr(original, "bias", None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The decoded weight while its block runs; otherwise a meta tensor of its shape/dtype."""
+        if len(self.pieces) == 1:
+            try:
+                return self._executor.weight(self.pieces[0].key)
+            except RuntimeError:
+                pass
+        return torch.empty(self.weight_shape, dtype=self.weight_dtype, device="meta")
+
+    def _piece_weight(self, piece: Piece) -> torch.Tensor:
+        return self._executor.weight(piece.key)
+
+    def _over_pieces(self, fn, predictable: bool = True) -> list[torch.Tensor]:
+        ex = self._executor
+        outs = []
+        for p in self.pieces:
+            ex.enter(p.block, predictable)
+            try:
+                outs.append(fn(p, ex.weight(p.key)))
+            finally:
+                ex.exit(p.block)
+        return outs
+
+    def extra_repr(self) -> str:
+        return f"weight={tuple(self.weight_shape)}, {self.weight_dtype}, pieces={len(self.pieces)}"
+
+
+class CompressedLinear(CompressedModule):
+    def __init__(self, original: nn.Linear, pieces, executor, shape, dtype):
+        super().__init__(original, pieces, executor, shape, dtype)
+        self.in_features = original.in_features
+        self.out_features = original.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.pieces) == 1:
+            return F.linear(x, self._executor.weight(self.pieces[0].key), self.bias)
+        b = self.bias
+        parts = self._over_pieces(
+            lambda p, w: F.linear(x, w, None if b is None else b[p.start : p.stop])
+        )
+        return torch.cat(parts, dim=-1)
+
+
+class CompressedConv1D(CompressedModule):
+    """transformers' Conv1D (GPT-2): y = x @ W + b with W of shape [in, out]; pieces by column."""
+
+    split_dim = 1
+
+    def __init__(self, original: nn.Module, pieces, executor, shape, dtype):
+        super().__init__(original, pieces, executor, shape, dtype)
+        self.nf = original.nf
+        self.nx = getattr(original, "nx", shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.size()[:-1] + (self.nf,)
+        flat = x.view(-1, x.size(-1))
+        if len(self.pieces) == 1:
+            y = torch.addmm(self.bias, flat, self._executor.weight(self.pieces[0].key))
+        else:
+            b = self.bias
+            y = torch.cat(
+                self._over_pieces(lambda p, w: torch.addmm(b[p.start : p.stop], flat, w)), dim=-1
+            )
+        return y.view(size_out)
+
+
+class CompressedEmbedding(CompressedModule):
+    def __init__(self, original: nn.Embedding, pieces, executor, shape, dtype):
+        super().__init__(original, pieces, executor, shape, dtype)
+        self.num_embeddings = original.num_embeddings
+        self.embedding_dim = original.embedding_dim
+        self.padding_idx = original.padding_idx
+        self.max_norm = original.max_norm
+        self.norm_type = original.norm_type
+        self.scale_grad_by_freq = original.scale_grad_by_freq
+        self.sparse = original.sparse
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if len(self.pieces) == 1:
+            w = self._executor.weight(self.pieces[0].key)
+            return F.embedding(
+                ids,
+                w,
+                self.padding_idx,
+                self.max_norm,
+                self.norm_type,
+                self.scale_grad_by_freq,
+                self.sparse,
+            )
+        # Only the pieces holding the requested rows are fetched (one host sync to learn which);
+        # such lookups depend on the data, so they stay out of the recorded order.
+        rows = self.pieces[0].stop - self.pieces[0].start
+        needed = torch.unique(ids.reshape(-1) // rows).tolist()
+        out = torch.empty(
+            *ids.shape, self.embedding_dim, dtype=self.weight_dtype, device=ids.device
+        )
+        ex = self._executor
+        for i in needed:
+            p = self.pieces[i]
+            ex.enter(p.block, predictable=False)
+            try:
+                w = ex.weight(p.key)
+                sel = (ids >= p.start) & (ids < p.stop)
+                out[sel] = w[ids[sel] - p.start]
+            finally:
+                ex.exit(p.block)
+        return out
+
+
+def kind_of(module: nn.Module) -> type[CompressedModule] | None:
+    """The compressed twin of a module whose weight we compress, or None."""
+    if isinstance(module, CompressedModule):
+        return None
+    if isinstance(module, nn.Linear):
+        return CompressedLinear
+    if isinstance(module, nn.Embedding):
+        return CompressedEmbedding
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return CompressedConv1D
+    return None

@@ -1,0 +1,336 @@
+"""The planner: a pure function from block sizes and budgets to a frozen, printable Plan.
+
+Tiers, best first::
+
+    device             decoded and resident on the device: no copy, no decode
+    device-compressed  compressed and resident on the device: decoded into a slot on each use
+    host               compressed in (pinned) host memory: copied to a staging buffer and decoded
+
+Everything the runtime allocates on the device counts against ``device_bytes``: uncompressed
+parameters (norms, biases, buffers), resident blocks, ``prefetch + 1`` slots for decoded blocks,
+staging buffers for compressed blocks in flight, one decode workspace, and a reserve for
+activations and KV cache.
+
+Assignment is greedy on a cost model of time per forward: moving a block host → device-compressed
+saves its copy (compressed bytes at ``pcie_gbps``); host → device also saves its decode (decoded
+bytes at ``decode_gbps``). Moves are taken best gain per byte first while they fit. Without copies
+(the CPU backend, where host and device are one memory) only decoded residency pays.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from neuzip_offload.budget import format_size
+
+DEVICE = "device"
+DEVICE_COMPRESSED = "device-compressed"
+HOST = "host"
+TIERS = (DEVICE, DEVICE_COMPRESSED, HOST)
+
+
+class PlanError(ValueError):
+    """No placement fits the budgets. ``minimum_device_bytes`` is the smallest that would."""
+
+    def __init__(self, message: str, minimum_device_bytes: int | None = None):
+        super().__init__(message)
+        self.minimum_device_bytes = minimum_device_bytes
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """What the planner knows of one block: sizes only."""
+
+    name: str
+    params: int
+    decoded_bytes: int  # bytes it takes in a slot (or resident), entries aligned
+    compressed_bytes: int  # planes and headers, as packed for one copy
+    workspace_bytes: int = 0  # scratch its decode needs on the device
+    uses: int = 1  # uses per forward (a tied embedding / lm_head: 2)
+    stored_bytes: int | None = None  # the format's size (no alignment padding); for reports
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    device_bytes: int
+    host_bytes: int
+    reserve_bytes: int = 0
+    resident_bytes: int = 0  # uncompressed parameters and buffers on the device
+    prefetch: int = 2
+    copies: bool = True  # False: host and device are the same memory (the CPU backend)
+    pcie_gbps: float = 25.0
+    decode_gbps: float = 800.0
+    device: str = "cuda"
+
+    def __post_init__(self) -> None:
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
+        for name in ("device_bytes", "host_bytes", "reserve_bytes", "resident_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.pcie_gbps <= 0 or self.decode_gbps <= 0:
+            raise ValueError("pcie_gbps and decode_gbps must be positive")
+
+
+@dataclass(frozen=True)
+class Plan:
+    blocks: tuple[BlockSpec, ...]
+    tiers: tuple[str, ...]
+    options: PlanOptions
+    n_slots: int = 0
+    slot_bytes: int = 0
+    n_staging: int = 0
+    staging_bytes: int = 0
+    workspace_bytes: int = 0
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    # -- totals ------------------------------------------------------------------------------
+    def _sum(self, what: str, tiers: tuple[str, ...]) -> int:
+        return sum(
+            getattr(b, what) for b, t in zip(self.blocks, self.tiers, strict=True) if t in tiers
+        )
+
+    @property
+    def params(self) -> int:
+        return sum(b.params for b in self.blocks)
+
+    @property
+    def decoded_bytes(self) -> int:
+        return sum(b.decoded_bytes for b in self.blocks)
+
+    @property
+    def compressed_bytes(self) -> int:
+        return sum(b.compressed_bytes for b in self.blocks)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(
+            b.compressed_bytes if b.stored_bytes is None else b.stored_bytes for b in self.blocks
+        )
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Compressed bits per compressed weight, every plane and header included."""
+        return 8 * self.stored_bytes / self.params if self.params else math.inf
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Slots, staging and workspace: what streaming costs on the device."""
+        return (
+            self.n_slots * self.slot_bytes
+            + self.n_staging * self.staging_bytes
+            + self.workspace_bytes
+        )
+
+    @property
+    def gpu_bytes(self) -> int:
+        """Device bytes the runtime holds (the reserve for activations not included)."""
+        return (
+            self.options.resident_bytes
+            + self._sum("decoded_bytes", (DEVICE,))
+            + self._sum("compressed_bytes", (DEVICE_COMPRESSED,))
+            + self.buffer_bytes
+        )
+
+    @property
+    def host_bytes(self) -> int:
+        return self._sum("compressed_bytes", (HOST,))
+
+    @property
+    def pcie_bytes_per_forward(self) -> int:
+        """Bytes copied host → device per forward (0 on the CPU backend)."""
+        if not self.options.copies:
+            return 0
+        return sum(
+            b.uses * b.compressed_bytes
+            for b, t in zip(self.blocks, self.tiers, strict=True)
+            if t == HOST
+        )
+
+    @property
+    def decoded_bytes_per_forward(self) -> int:
+        return sum(
+            b.uses * b.decoded_bytes
+            for b, t in zip(self.blocks, self.tiers, strict=True)
+            if t != DEVICE
+        )
+
+    def seconds_lower_bound(self, pcie_gbps: float | None = None) -> float:
+        """Time per forward that the copies alone take, at ``pcie_gbps`` GB/s."""
+        gbps = pcie_gbps or self.options.pcie_gbps
+        return self.pcie_bytes_per_forward / (gbps * 1e9)
+
+    def tier_of(self, name: str) -> str:
+        for b, t in zip(self.blocks, self.tiers, strict=True):
+            if b.name == name:
+                return t
+        raise KeyError(name)
+
+    # -- printing ----------------------------------------------------------------------------
+    def table(self) -> str:
+        o = self.options
+        w = max([len(b.name) for b in self.blocks] + [5])
+        lines = [
+            f"{'block':<{w}}  {'params':>9}  {'decoded':>11}  {'compressed':>11}  tier",
+            "-" * (w + 52),
+        ]
+        for b, t in zip(self.blocks, self.tiers, strict=True):
+            lines.append(
+                f"{b.name:<{w}}  {_count(b.params):>9}  {format_size(b.decoded_bytes):>11}  "
+                f"{format_size(b.compressed_bytes):>11}  {t}"
+            )
+        lines.append("-" * (w + 52))
+        lines.append(
+            f"{'total':<{w}}  {_count(self.params):>9}  {format_size(self.decoded_bytes):>11}  "
+            f"{format_size(self.compressed_bytes):>11}  {self.bits_per_weight:.3f} bits/weight"
+        )
+        counts = {t: self.tiers.count(t) for t in TIERS}
+        lines += [
+            f"blocks: {counts[DEVICE]} device, {counts[DEVICE_COMPRESSED]} device-compressed, "
+            f"{counts[HOST]} host",
+            f"device ({o.device}): {format_size(self.gpu_bytes + o.reserve_bytes)} of "
+            f"{format_size(o.device_bytes)} — uncompressed params {format_size(o.resident_bytes)}"
+            f", resident {format_size(self._sum('decoded_bytes', (DEVICE,)))} decoded + "
+            f"{format_size(self._sum('compressed_bytes', (DEVICE_COMPRESSED,)))} compressed, "
+            f"slots {self.n_slots} x {format_size(self.slot_bytes)}, staging {self.n_staging} x "
+            f"{format_size(self.staging_bytes)}, workspace {format_size(self.workspace_bytes)}, "
+            f"reserve {format_size(o.reserve_bytes)}",
+            f"host: {format_size(self.host_bytes)} of {format_size(o.host_bytes)}",
+            f"per forward: {format_size(self.pcie_bytes_per_forward)} over PCIe, "
+            f"{format_size(self.decoded_bytes_per_forward)} decoded; lower bound "
+            f"{self.seconds_lower_bound() * 1e3:.2f} ms at {o.pcie_gbps:g} GB/s",
+        ]
+        lines += list(self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _count(n: int) -> str:
+    for unit, f in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= f:
+            return f"{n / f:.2f}{unit}"
+    return str(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# the planner
+# ---------------------------------------------------------------------------------------------
+
+
+def _buffers(blocks, tiers, o: PlanOptions) -> tuple[int, int, int, int, int]:
+    """(n_slots, slot_bytes, n_staging, staging_bytes, workspace) for an assignment."""
+    streamed = [b for b, t in zip(blocks, tiers, strict=True) if t != DEVICE]
+    if not streamed:
+        return 0, 0, 0, 0, 0
+    slot = max(b.decoded_bytes for b in streamed)
+    workspace = max(b.workspace_bytes for b in streamed)
+    hosted = [b for b, t in zip(blocks, tiers, strict=True) if t == HOST]
+    n_staging = max(1, o.prefetch) if (hosted and o.copies) else 0
+    staging = max((b.compressed_bytes for b in hosted), default=0) if n_staging else 0
+    return o.prefetch + 1, slot, n_staging, staging, workspace
+
+
+def _device_total(blocks, tiers, o: PlanOptions) -> int:
+    n_slots, slot, n_staging, staging, workspace = _buffers(blocks, tiers, o)
+    resident = sum(
+        b.decoded_bytes if t == DEVICE else b.compressed_bytes if t == DEVICE_COMPRESSED else 0
+        for b, t in zip(blocks, tiers, strict=True)
+    )
+    return (
+        o.reserve_bytes
+        + o.resident_bytes
+        + resident
+        + n_slots * slot
+        + n_staging * staging
+        + workspace
+    )
+
+
+def make_plan(blocks: list[BlockSpec] | tuple[BlockSpec, ...], options: PlanOptions) -> Plan:
+    """Place every block in a tier within the budgets; raise PlanError when none fits."""
+    blocks = tuple(blocks)
+    o = options
+    all_device = (DEVICE,) * len(blocks)
+    if _device_total(blocks, all_device, o) <= o.device_bytes:
+        return Plan(blocks, all_device, o, notes=("everything fits decoded on the device",))
+
+    # Start from everything on the host, or, when the slots for the largest blocks do not fit,
+    # from the k largest blocks resident (which shrinks the slots) for the smallest such k.
+    by_size = sorted(range(len(blocks)), key=lambda i: -blocks[i].decoded_bytes)
+    tiers, floor = None, None
+    for k in range(len(blocks)):
+        trial = [HOST] * len(blocks)
+        for i in by_size[:k]:
+            trial[i] = DEVICE
+        total = _device_total(blocks, trial, o)
+        floor = total if floor is None else min(floor, total)
+        if total <= o.device_bytes:
+            tiers = trial
+            break
+    if tiers is None:
+        raise PlanError(
+            f"max_gpu_mem={format_size(o.device_bytes)} is too small: streaming the largest "
+            f"block ({format_size(max(b.decoded_bytes for b in blocks))} decoded) through "
+            f"{o.prefetch + 1} slots, with the uncompressed parameters "
+            f"({format_size(o.resident_bytes)}) and the reserve ({format_size(o.reserve_bytes)}), "
+            f"needs at least {format_size(floor)} ({floor} bytes); raise the budget, lower "
+            "prefetch or the reserve",
+            minimum_device_bytes=floor,
+        )
+    copy_s = [
+        b.uses * b.compressed_bytes / (o.pcie_gbps * 1e9) if o.copies else 0.0 for b in blocks
+    ]
+    decode_s = [b.uses * b.decoded_bytes / (o.decode_gbps * 1e9) for b in blocks]
+    # Passes of greedy moves, best saving per byte first. Within a pass the buffers keep their
+    # sizes (moves can only shrink them); the next pass spends what shrinking freed.
+    while True:
+        left = o.device_bytes - _device_total(blocks, tiers, o)
+        moves = []
+        for i, (b, t) in enumerate(zip(blocks, tiers, strict=True)):
+            if t == HOST:
+                if copy_s[i] > 0:
+                    moves.append(
+                        (
+                            copy_s[i] / max(b.compressed_bytes, 1),
+                            i,
+                            HOST,
+                            DEVICE_COMPRESSED,
+                            b.compressed_bytes,
+                        )
+                    )
+                moves.append(
+                    (
+                        (copy_s[i] + decode_s[i]) / max(b.decoded_bytes, 1),
+                        i,
+                        HOST,
+                        DEVICE,
+                        b.decoded_bytes,
+                    )
+                )
+            elif t == DEVICE_COMPRESSED and decode_s[i] > 0:
+                extra = max(b.decoded_bytes - b.compressed_bytes, 1)
+                moves.append((decode_s[i] / extra, i, DEVICE_COMPRESSED, DEVICE, extra))
+        moved = False
+        for _, i, source, target, cost in sorted(moves, key=lambda m: (-m[0], m[1])):
+            if tiers[i] == source and cost <= left:
+                tiers[i] = target
+                left -= cost
+                moved = True
+        if not moved:
+            break
+    host = sum(b.compressed_bytes for b, t in zip(blocks, tiers, strict=True) if t == HOST)
+    if host > o.host_bytes:
+        raise PlanError(
+            f"max_cpu_mem={format_size(o.host_bytes)} is too small for the "
+            f"{format_size(host)} of compressed blocks that do not fit on the device"
+        )
+    n_slots, slot, n_staging, staging, workspace = _buffers(blocks, tiers, o)
+    return Plan(blocks, tuple(tiers), o, n_slots, slot, n_staging, staging, workspace)
+
+
+def with_options(plan: Plan, **changes) -> Plan:
+    """The same blocks planned again under changed options."""
+    return make_plan(plan.blocks, replace(plan.options, **changes))

@@ -1,0 +1,52 @@
+"""Budget strings: parsed once, bits and unknown units refused with a hint."""
+
+from __future__ import annotations
+
+import pytest
+
+from neuzip_offload.budget import format_size, host_available, parse_size
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (123, 123),
+        ("8GB", 8 * 10**9),
+        ("8 GB", 8 * 10**9),
+        ("8GiB", 8 * 2**30),
+        ("512MB", 512 * 10**6),
+        ("512MiB", 512 * 2**20),
+        ("1.5GB", 1_500_000_000),
+        ("100", 100),
+        ("64KiB", 65536),
+        ("2TB", 2 * 10**12),
+    ],
+)
+def test_sizes(value, expected):
+    assert parse_size(value, "max_gpu_mem") == expected
+
+
+@pytest.mark.parametrize("value", ["8Gb", "8gb", "512Mb"])
+def test_bits_are_refused_with_a_hint(value):
+    with pytest.raises(ValueError, match=r"max_gpu_mem=.* is in bits; did you mean"):
+        parse_size(value, "max_gpu_mem")
+
+
+@pytest.mark.parametrize("value", ["8XB", "8 gigs", "GB", "", "-1GB", "1e9"])
+def test_unknown_units_and_garbage_are_refused(value):
+    with pytest.raises(ValueError, match="max_cpu_mem"):
+        parse_size(value, "max_cpu_mem")
+
+
+def test_wrong_types_are_refused():
+    with pytest.raises(TypeError, match="max_gpu_mem"):
+        parse_size(8.0, "max_gpu_mem")
+    with pytest.raises(TypeError, match="max_gpu_mem"):
+        parse_size(True, "max_gpu_mem")
+    with pytest.raises(ValueError, match="negative"):
+        parse_size(-5, "max_gpu_mem")
+
+
+def test_helpers():
+    assert format_size(3 * 2**30) == "3.00 GiB"
+    assert host_available() > 0

@@ -1,0 +1,201 @@
+"""dispatch(): bit-exact lossless inference at any budget, undispatch, and clear errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import neuzip_offload as nzo
+from neuzip_offload.modules import CompressedEmbedding, CompressedLinear
+from neuzip_offload.scheduler.plan import DEVICE, HOST
+from tests.helpers import model_bytes, same_bits, tiny_gpt2, tiny_llama
+
+MODELS = {
+    "llama": lambda: tiny_llama(tied=False),
+    "llama-tied": lambda: tiny_llama(tied=True),
+    "llama-fp32": lambda: tiny_llama(dtype=torch.float32),
+    "gpt2": tiny_gpt2,
+}
+
+
+def _minimum(model, **kw) -> int:
+    with pytest.raises(nzo.PlanError) as e:
+        nzo.dispatch(copy.deepcopy(model), max_gpu_mem=1, reserve=0, progress=False, **kw)
+    return e.value.minimum_device_bytes
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("where", ["everything", "half", "minimum"])
+def test_lossless_logits_are_bit_identical_at_every_budget(name, where):
+    model = MODELS[name]()
+    ids = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    budget = {
+        "everything": 2 * model_bytes(model),
+        "half": (model_bytes(model) + _minimum(model, prefetch=1)) // 2,
+        "minimum": _minimum(model, prefetch=1),
+    }[where]
+    model = nzo.dispatch(model, max_gpu_mem=budget, reserve=0, prefetch=1, progress=False)
+    tiers = model.neuzip.plan.tiers
+    assert (HOST not in tiers) if where == "everything" else (HOST in tiers)
+    with torch.no_grad():
+        for _ in range(2):  # the second forward runs on the recorded order
+            assert same_bits(model(ids).logits, ref)
+    assert model.neuzip.stats["peak_held_bytes"] <= budget
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "gpt2"])
+def test_greedy_generation_gives_the_same_tokens(name):
+    model = MODELS[name]()
+    ids = torch.randint(1, 500, (1, 6), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kw)
+    nzo.dispatch(
+        model, max_gpu_mem=_minimum(model, prefetch=1), prefetch=1, reserve=0, progress=False
+    )
+    assert torch.equal(model.generate(ids, **kw), ref)
+
+
+def test_tied_weights_are_compressed_once_and_restored_tied():
+    model = tiny_llama(tied=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    nzo.dispatch(model, max_gpu_mem=10**8, progress=False)
+    keys = list(model.neuzip.compressed)
+    assert sum("embed_tokens" in k for k in keys) >= 1 and not any("lm_head" in k for k in keys)
+    assert isinstance(model.lm_head, CompressedLinear)
+    assert isinstance(model.model.embed_tokens, CompressedEmbedding)
+    nzo.undispatch(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_undispatch_restores_the_exact_weights(name):
+    model = MODELS[name]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nzo.dispatch(model, max_gpu_mem=_minimum(model), reserve=0, progress=False)
+    assert not any(
+        isinstance(p, nn.Parameter) and p.dim() == 2 and p.numel() > 1000
+        for p in model.parameters()
+    )  # the big weights left the module tree
+    nzo.undispatch(model)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        assert same_bits(after[k], v) if v.is_floating_point() else torch.equal(after[k], v), k
+    assert not hasattr(model, "neuzip")
+    assert all(type(m) is not CompressedLinear for m in model.modules())
+
+
+def test_large_weights_outside_the_layers_stream_in_pieces():
+    model = tiny_llama(tied=True)
+    ids = torch.randint(0, 1000, (1, 7))
+    with torch.no_grad():
+        ref = model(ids).logits
+    nzo.dispatch(model, max_gpu_mem=_minimum(model), reserve=0, progress=False)
+    assert len(model.lm_head.pieces) > 1  # 1000 x 64 embedding > one 4-Linear layer
+    with torch.no_grad():
+        assert same_bits(model(ids).logits, ref)
+
+
+def test_plan_and_stats_are_exposed():
+    model = tiny_llama()
+    nzo.dispatch(model, max_gpu_mem=_minimum(model), reserve=0, progress=False)
+    plan = model.neuzip.plan
+    assert isinstance(plan, nzo.Plan) and "model.layers.0" in str(plan)
+    assert 10.0 < plan.bits_per_weight < 11.5
+    assert plan.gpu_bytes <= plan.options.device_bytes
+    with torch.no_grad():
+        model(torch.randint(0, 1000, (1, 5)))
+    stats = model.neuzip.stats
+    assert stats["forwards"] == 1 and stats["decoded_bytes"] > 0
+    assert stats["decode_seconds"] > 0 and stats["peak_held_bytes"] <= plan.options.device_bytes
+
+
+def test_everything_resident_moves_nothing():
+    model = tiny_llama()
+    nzo.dispatch(model, max_gpu_mem="1GB", progress=False)
+    assert set(model.neuzip.plan.tiers) == {DEVICE}
+    with torch.no_grad():
+        model(torch.randint(0, 1000, (1, 5)))
+    assert model.neuzip.stats["decoded_bytes"] == 0
+
+
+def test_lossy_dispatch_runs_and_is_close():
+    model = tiny_llama(dtype=torch.float32)
+    ids = torch.randint(0, 1000, (1, 8))
+    with torch.no_grad():
+        ref = model(ids).logits
+    nzo.dispatch(model, mode="lossy", mantissa_bits=5, max_gpu_mem=10**8, progress=False)
+    with torch.no_grad():
+        out = model(ids).logits
+    assert not torch.equal(out, ref)
+    assert float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    assert 8.5 < model.neuzip.plan.bits_per_weight < 9.5
+
+
+def test_target_bits_stays_under_its_budget():
+    model = tiny_llama(dtype=torch.float32)
+    nzo.dispatch(model, mode="lossy", target_bits=6.0, max_gpu_mem=10**8, progress=False)
+    assert model.neuzip.plan.bits_per_weight <= 6.0
+    ks = set(model.neuzip.mantissa_bits.values())
+    assert ks <= set(range(8)) | {None}
+
+
+# ------------------------------------------------------------------------------------------
+# errors
+# ------------------------------------------------------------------------------------------
+
+
+def test_dispatching_twice_is_refused():
+    model = nzo.dispatch(tiny_llama(), max_gpu_mem="1GB", progress=False)
+    with pytest.raises(nzo.DispatchError, match="already dispatched"):
+        nzo.dispatch(model, max_gpu_mem="1GB")
+
+
+def test_a_model_without_weights_is_refused():
+    with pytest.raises(nzo.DispatchError, match="no Linear, Embedding or Conv1D"):
+        nzo.dispatch(nn.Sequential(nn.ReLU(), nn.LayerNorm(4)), max_gpu_mem="1GB")
+
+
+def test_a_model_on_meta_is_refused():
+    with torch.device("meta"):
+        model = nn.Linear(8, 8)
+    with pytest.raises(nzo.DispatchError, match="meta device"):
+        nzo.dispatch(model, max_gpu_mem="1GB")
+
+
+def test_too_small_a_budget_names_the_minimum():
+    model = tiny_llama()
+    with pytest.raises(nzo.PlanError, match=r"max_gpu_mem=.* too small.*needs at least"):
+        nzo.dispatch(model, max_gpu_mem="100KB", reserve=0, progress=False)
+    assert not hasattr(model, "neuzip")  # nothing was changed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"max_gpu_mem": "8Gb"}, ValueError, "bits"),
+        ({"max_gpu_mem": "8 parsecs"}, ValueError, "unknown unit"),
+        ({"prefetch": -1}, ValueError, "prefetch"),
+        ({"target_bits": 7.0}, ValueError, "mode='lossy'"),
+        ({"mode": "lossy", "target_bits": 40}, ValueError, "target_bits"),
+        ({"mode": "lossy", "mantissa_bits": 9}, ValueError, "mantissa_bits"),
+        (
+            {"device": "cuda:0"} if not torch.cuda.is_available() else {"reserve": "x"},
+            ValueError,
+            "CUDA|reserve",
+        ),
+    ],
+)
+def test_bad_options_are_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        nzo.dispatch(tiny_llama(), **{"max_gpu_mem": "1GB", **kwargs})
+
+
+def test_undispatch_of_a_plain_model_is_refused():
+    with pytest.raises(nzo.DispatchError, match="not dispatched"):
+        nzo.undispatch(tiny_llama())
