@@ -216,23 +216,31 @@ def _encode_pass(
     W = lanes
     S = grids.shape[1] // W
     M = 1 << prob_bits
-    # Tables of 257 entries per chunk; entry 256 is the identity (f = M, cum = 0: no emission,
-    # no change), given to the positions past a chunk's end.
+    # Tables of 257 entries per chunk: f | cum << 16. Entry 256 is the identity (f = M, cum = 0:
+    # no emission, no change), which positions past a chunk's end read.
     f = torch.cat([freq, torch.full((C, 1), M, dtype=torch.int64)], dim=1)
     cum = torch.cat([freq.cumsum(dim=1) - freq, torch.zeros(C, 1, dtype=torch.int64)], dim=1)
-    tab = (f | (cum << 16)).reshape(-1).numpy().astype(np.uint32)  # f (<= M) | cum << 16
-    index = grids.view(C, S, W).permute(1, 0, 2).to(torch.int32).contiguous()  # [S, C, W]
-    index.masked_fill_(torch.arange(S * W).view(S, 1, W) >= lengths.view(1, C, 1), 256)
-    index += (torch.arange(C, dtype=torch.int32) * 257)[None, :, None]
-    index_np = index.numpy()
+    tab = (f | (cum << 16)).reshape(-1).numpy().astype(np.uint32)
+    sym = grids.view(C, S, W).permute(1, 0, 2).contiguous().numpy()  # [S, C, W] uint8
+    row = (np.arange(C, dtype=np.intp) * 257)[:, None]
+    # Ragged chunks (shorter than S * W) are the only ones with positions past their end:
+    # from step ragged_from on, their rows are fixed up to read the identity entry.
+    lengths_np = lengths.numpy()
+    ragged = np.nonzero(lengths_np < S * W)[0]
+    last = (lengths_np[ragged, None] - np.arange(W)[None, :] + W - 1) // W  # steps per lane
+    ragged_from = int(last.min()) if ragged.size else S
     x = np.full((C, W), L, dtype=np.uint32)
     hist = np.empty((S, C, W), dtype=np.uint16)  # x before each step (its low 16 bits)
     emits = np.empty((S, C, W), dtype=np.bool_)
     shift = np.empty((C, W), dtype=np.uint8)
     fs = np.empty((C, W), dtype=np.uint32)
+    idx = np.empty((C, W), dtype=np.intp)
     top = STATE_BITS - prob_bits  # x >= f << top  <=>  x >> top >= f
     for s in range(S - 1, -1, -1):
-        e = tab.take(index_np[s])
+        np.add(row, sym[s], out=idx)
+        if s >= ragged_from:
+            idx[ragged] = np.where(last > s, idx[ragged], row[ragged] + 256)
+        e = tab.take(idx)
         np.bitwise_and(e, 0xFFFF, out=fs)
         emit = np.greater_equal(x >> top, fs, out=emits[s])
         hist[s] = x

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 
-from .api import DispatchError, dispatch, estimate_reserve, undispatch
+from .api import DispatchError, dispatch, estimate_reserve, load, plan_model, undispatch
 from .budget import parse_size
+from .checkpoint import Checkpoint, CheckpointError, convert, save_compressed
 from .codec import compress, compress_many, decompress, decompress_many
 from .compressed import FORMAT_VERSION, CompressedTensor, DamagedDataError
 from .config import CodecConfig
@@ -25,6 +26,8 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "FORMAT_VERSION",
+    "Checkpoint",
+    "CheckpointError",
     "CodecConfig",
     "CompressedTensor",
     "DamagedDataError",
@@ -33,11 +36,15 @@ __all__ = [
     "PlanError",
     "compress",
     "compress_many",
+    "convert",
     "decompress",
     "decompress_many",
     "dispatch",
     "estimate_reserve",
+    "load",
     "parse_size",
+    "plan_model",
+    "save_compressed",
     "undispatch",
 ]
 __version__ = "0.1.0"

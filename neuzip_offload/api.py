@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,8 +32,8 @@ from .compressed import CompressedTensor
 from .config import CodecConfig
 from .modules import CompressedModule, Piece, kind_of
 from .scheduler.executor import BlockData, Executor
-from .scheduler.plan import BlockSpec, Plan, PlanOptions, make_plan
-from .scheduler.tiers import PackedLayout, slot_layout
+from .scheduler.plan import BlockSpec, Plan, PlanError, PlanOptions, make_plan
+from .scheduler.tiers import PackedLayout, pread_into, slot_layout
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,32 @@ def _layer_roots(model: nn.Module) -> list[str]:
     if best is None:
         return []
     return [f"{best}.{i}" if best else str(i) for i in range(len(model.get_submodule(best)))]
+
+
+GRANULARITIES = ("layer", "module", "linear")
+
+
+def _block_roots(model: nn.Module, granularity: str) -> list[str]:
+    """Roots of the blocks inside the layers: whole layers, their direct children that hold
+    weights (attention, MLP), or every compressed module on its own."""
+    layers = _layer_roots(model)
+    if granularity == "layer":
+        return layers
+    roots = []
+    for r in layers:
+        layer = model.get_submodule(r)
+        for name, child in layer.named_children():
+            qn = f"{r}.{name}" if r else name
+            held = [m for m in child.modules() if kind_of(m) is not None]
+            if not held:
+                continue
+            if granularity == "module" or kind_of(child) is not None:
+                roots.append(qn)
+            else:
+                roots.extend(
+                    f"{qn}.{n}" for n, m in child.named_modules() if n and kind_of(m) is not None
+                )
+    return roots
 
 
 def _weights(model: nn.Module) -> dict[int, _Weight]:
@@ -176,6 +203,18 @@ class Dispatched:
     moved: list[tuple[torch.Tensor, torch.device]] = field(default_factory=list)
     pool: ThreadPoolExecutor | None = None
     mantissa_bits: dict[str, int | None] = field(default_factory=dict)
+    locations: dict[str, dict] = field(default_factory=dict)  # piece key → planes on disk
+
+    def compressed_tensor(self, key: str) -> CompressedTensor:
+        """A piece with its planes in host memory (read from its file if it stays on disk)."""
+        ct = self.compressed[key]
+        if key not in self.locations:
+            return ct.cpu()
+        planes = {}
+        for k, loc in self.locations[key].items():
+            planes[k] = torch.empty(loc.nbytes, dtype=torch.uint8)
+            pread_into(loc, planes[k])
+        return CompressedTensor.from_state(ct.header.to_json(), planes, key)
 
     @property
     def stats(self) -> dict:
@@ -203,17 +242,122 @@ class Dispatched:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_model(model: object) -> nn.Module:
+def _check_model(model: object, allow_meta: bool = False) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if hasattr(model, "neuzip"):
         raise DispatchError("model is already dispatched; call neuzip_offload.undispatch(model)")
-    if any(p.device.type == "meta" for p in model.parameters()):
+    if not allow_meta and any(p.device.type == "meta" for p in model.parameters()):
         raise DispatchError(
-            "model has weights on the meta device and no checkpoint to fill them from; load "
-            "the weights first"
+            "model has weights on the meta device and no checkpoint to fill them from; pass "
+            "checkpoint= (a Hugging Face safetensors directory) or use neuzip_offload.load"
         )
     return model
+
+
+@dataclass
+class _Run:
+    """The options of one dispatch, validated and resolved."""
+
+    dev: torch.device
+    cfg: CodecConfig
+    device_bytes: int
+    host_bytes: int
+    prefetch: int
+    reserve: int | str | None
+    pcie_gbps: float
+    disk_gbps: float
+    progress: bool
+    log_events: bool
+
+
+def _resolve(
+    max_gpu_mem,
+    max_cpu_mem,
+    mode,
+    mantissa_bits,
+    block_size,
+    target_bits,
+    prefetch,
+    reserve,
+    device,
+    codec,
+    pcie_gbps,
+    disk_gbps,
+    progress,
+    log_events,
+) -> _Run:
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+        raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
+    if target_bits is not None:
+        if mode != "lossy":
+            raise ValueError("target_bits chooses lossy mantissa widths: pass mode='lossy'")
+        if not isinstance(target_bits, (int, float)) or not 2.0 <= target_bits <= 16.0:
+            raise ValueError(f"target_bits must be a number in 2..16, got {target_bits!r}")
+    for name, v in (("pcie_gbps", pcie_gbps), ("disk_gbps", disk_gbps)):
+        if not isinstance(v, (int, float)) or v <= 0:
+            raise ValueError(f"{name} must be a positive number, got {v!r}")
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but CUDA is not available")
+    cfg = CodecConfig(
+        mode=mode, codec=codec, mantissa_bits=mantissa_bits, block_size=block_size
+    ).for_device(dev)
+    host = (
+        _budget.parse_size(max_cpu_mem, "max_cpu_mem")
+        if max_cpu_mem is not None
+        else _budget.host_available()
+    )
+    return _Run(
+        dev,
+        cfg,
+        _device_budget(max_gpu_mem, dev),
+        host,
+        prefetch,
+        reserve,
+        float(pcie_gbps),
+        float(disk_gbps),
+        progress,
+        log_events,
+    )
+
+
+def _analyze(
+    model: nn.Module, max_block_bytes, granularity: str = "layer"
+) -> tuple[list[_Weight], list[str]]:
+    """The compressible weights (with their block and pieces) and the block roots."""
+    weights = list(_weights(model).values())
+    if not weights:
+        raise DispatchError(
+            "model has no Linear, Embedding or Conv1D weights to compress; nothing to dispatch"
+        )
+    for w in weights:
+        if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise DispatchError(f"{w.key} has dtype {w.dtype}; expected bf16, fp16 or fp32")
+        for _, m in w.users:
+            if isinstance(m, nn.Embedding) and m.max_norm is not None:
+                raise DispatchError(f"{w.key}: Embedding(max_norm=...) rewrites its weight")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    roots = _block_roots(model, granularity)
+    for w in weights:
+        owner = w.users[0][0]
+        w.root = next((r for r in roots if _inside(owner, r)), None)
+    layer_bytes = {r: 0 for r in roots}
+    for w in weights:
+        if w.root is not None:
+            layer_bytes[w.root] += w.nbytes
+    limit = (
+        _budget.parse_size(max_block_bytes, "max_block_bytes")
+        if max_block_bytes is not None
+        else max(layer_bytes.values(), default=0)
+    )
+    _cut_pieces(weights, limit)
+    return weights, roots
 
 
 def dispatch(
@@ -230,8 +374,12 @@ def dispatch(
     reserve: int | str | None = "auto",
     device: torch.device | str | None = None,
     codec: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    offload_dir: str | os.PathLike | None = None,
     pcie_gbps: float = 25.0,
+    disk_gbps: float = 3.0,
     max_block_bytes: int | str | None = None,
+    granularity: str = "auto",
     progress: bool = True,
     log_events: bool = True,
 ) -> nn.Module:
@@ -244,98 +392,483 @@ def dispatch(
     prefetch: blocks copied and decoded ahead of the running one.
     reserve: device bytes kept for activations and KV cache ("auto": estimated from the config).
     device: where the model runs (default: CUDA if present, else the CPU).
+    checkpoint: a Hugging Face safetensors directory to fill a model built on the meta device,
+        compressing while loading (one shard in memory at a time); with ``offload_dir`` the
+        compressed checkpoint is written there first (see neuzip_offload.load) so that blocks
+        the host cannot hold stay on disk.
     max_block_bytes: weights outside the layers larger than this are cut into pieces
-        (default: the largest layer's size).
+        (default: the largest block's size).
+    granularity: blocks are whole layers ("layer"), their parts ("module": attention, MLP) or
+        single matrices ("linear"); "auto" takes the coarsest whose estimated plan fits.
     """
-    _check_model(model)
-    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
-        raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
-    if target_bits is not None:
-        if mode != "lossy":
-            raise ValueError("target_bits chooses lossy mantissa widths: pass mode='lossy'")
-        if not isinstance(target_bits, (int, float)) or not 2.0 <= target_bits <= 16.0:
-            raise ValueError(f"target_bits must be a number in 2..16, got {target_bits!r}")
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _check_model(model, allow_meta=checkpoint is not None)
+    run = _resolve(
+        max_gpu_mem,
+        max_cpu_mem,
+        mode,
+        mantissa_bits,
+        block_size,
+        target_bits,
+        prefetch,
+        reserve,
+        device,
+        codec,
+        pcie_gbps,
+        disk_gbps,
+        progress,
+        log_events,
     )
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r}, but CUDA is not available")
-    cfg = CodecConfig(
-        mode=mode, codec=codec, mantissa_bits=mantissa_bits, block_size=block_size
-    ).for_device(dev)
-    device_bytes = _device_budget(max_gpu_mem, dev)
-    host_bytes = (
+    if checkpoint is not None:
+        if target_bits is not None:
+            raise ValueError("target_bits needs the weights in memory: load them, then dispatch")
+        if offload_dir is not None:
+            from .checkpoint import convert
+
+            convert(
+                checkpoint,
+                offload_dir,
+                mode=run.cfg.mode,
+                codec=run.cfg.codec,
+                mantissa_bits=run.cfg.mantissa_bits,
+                block_size=run.cfg.block_size,
+                progress=progress,
+            )
+            return load(
+                offload_dir,
+                max_gpu_mem=run.device_bytes,
+                max_cpu_mem=run.host_bytes,
+                model=model,
+                device=run.dev,
+                prefetch=prefetch,
+                reserve=reserve,
+                pcie_gbps=pcie_gbps,
+                disk_gbps=disk_gbps,
+                progress=progress,
+                log_events=log_events,
+            )
+    if checkpoint is not None:
+        _tie(model)
+    dtype = next(iter(_weights(model).values())).dtype if _weights(model) else torch.bfloat16
+    bits = target_bits or estimated_bits(dtype, mode, mantissa_bits, block_size)
+    weights, roots = _granular(model, run, max_block_bytes, granularity, bits, on_disk=False)
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    bits: dict[str, int | None] = {}  # k per tensor, when target_bits chose them
+    if checkpoint is not None:
+        compressed = _compress_from_files(model, weights, checkpoint, run.cfg, pool, progress)
+    elif target_bits is None:
+        compressed = _compress(weights, run.cfg, bits, pool, progress)
+    else:
+        bits, compressed = _compress_to_target(
+            model, weights, run.cfg, target_bits, calibration, pool, progress
+        )
+    return _finish(model, run, weights, roots, compressed, {}, bits, pool)
+
+
+def estimated_bits(
+    dtype: torch.dtype, mode: str, mantissa_bits: int = 3, block_size: int = 512
+) -> float:
+    """Bits per weight to expect before compressing: the raw bits kept plus ~2.65 bits of coded
+    exponent (measured on MiniLM and SmolLM2, BENCHMARKS.md) and the index."""
+    if mode == "lossy":
+        return 1 + mantissa_bits + 2.65 + 7 / block_size + 0.03
+    raw = {torch.bfloat16: 8, torch.float16: 10, torch.float32: 24}[dtype]
+    return raw + 2.65 + 0.03
+
+
+def _estimated_specs(weights, roots, dev, bits: float, on_disk: bool) -> list[BlockSpec]:
+    """Block sizes without compressing: decoded exactly, compressed from ``bits`` per weight."""
+    groups: list[tuple[str, list[tuple[int, torch.dtype]], int]] = []
+    seen: set[str] = set()
+    for w in weights:
+        if w.root is None:
+            for key, a, b in w.pieces:
+                n = w.shape.numel() * (b - a) // max(w.shape[w.kind.split_dim], 1)
+                groups.append((key, [(n, w.dtype)], len(w.users)))
+        elif w.root not in seen:
+            seen.add(w.root)
+            members = [(v.shape.numel(), v.dtype) for v in weights if v.root == w.root]
+            groups.append((w.root, members, 1))
+    specs = []
+    for name, members, uses in groups:
+        decoded = sum((n * d.itemsize + 255) // 256 * 256 for n, d in members)
+        compressed = sum(int(n * bits / 8) + 1024 for n, _ in members)
+        largest = max(n for n, _ in members)
+        chunks = (largest + (1 << 16) - 1) >> 16
+        ws = 4 * (chunks << 12) if dev.type == "cuda" else largest
+        specs.append(
+            BlockSpec(
+                name, sum(n for n, _ in members), decoded, compressed, ws, uses, on_disk=on_disk
+            )
+        )
+    return specs
+
+
+def _granular(model, run: _Run, max_block_bytes, granularity: str, bits: float, on_disk: bool):
+    """(weights, roots) at the granularity asked, or for "auto" the coarsest whose estimated plan
+    fits: whole layers, else their attention/MLP parts, else single matrices."""
+    if granularity != "auto":
+        return _analyze(model, max_block_bytes, granularity)
+    for g in GRANULARITIES:
+        weights, roots = _analyze(model, max_block_bytes, g)
+        try:
+            _estimated_plan(model, run, weights, roots, bits, on_disk)
+            return weights, roots
+        except PlanError:
+            continue
+    return weights, roots
+
+
+def _plan_options(model, run: _Run, resident: int, disk: bool) -> PlanOptions:
+    dev = run.dev
+    return PlanOptions(
+        device_bytes=run.device_bytes,
+        host_bytes=run.host_bytes,
+        reserve_bytes=_reserve(run.reserve, model, dev, run.device_bytes),
+        resident_bytes=resident,
+        prefetch=run.prefetch,
+        copies=dev.type == "cuda",
+        pcie_gbps=run.pcie_gbps,
+        decode_gbps=GPU_DECODE_GBPS if dev.type == "cuda" else CPU_DECODE_GBPS,
+        device=str(dev),
+        disk=disk,
+        disk_gbps=run.disk_gbps,
+    )
+
+
+def _estimated_plan(model, run: _Run, weights, roots, bits: float, on_disk: bool) -> Plan:
+    specs = _estimated_specs(weights, roots, run.dev, bits, on_disk)
+    return make_plan(specs, _plan_options(model, run, _resident_bytes(model, weights), on_disk))
+
+
+def plan_model(
+    model: nn.Module,
+    max_gpu_mem: int | str | None = None,
+    *,
+    mode: str = "lossless",
+    mantissa_bits: int = 3,
+    block_size: int = 512,
+    bits_per_weight: float | None = None,
+    max_cpu_mem: int | str | None = None,
+    prefetch: int = 2,
+    reserve: int | str | None = "auto",
+    device: torch.device | str = "cuda",
+    pcie_gbps: float = 25.0,
+    disk_gbps: float = 3.0,
+    disk: bool = True,
+    granularity: str = "auto",
+    max_block_bytes: int | str | None = None,
+) -> Plan:
+    """The plan ``dispatch``/``load`` would make, without compressing or allocating anything.
+
+    Works on a model built on the meta device (e.g. from a config alone): compressed sizes come
+    from ``bits_per_weight`` (default: estimated_bits for the mode). ``device`` only names the
+    target: a CUDA plan can be made on a machine without a GPU.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    dev = torch.device(device)
+    CodecConfig(mode=mode, mantissa_bits=mantissa_bits, block_size=block_size)  # validates
+    device_bytes = (
+        _budget.parse_size(max_gpu_mem, "max_gpu_mem")
+        if max_gpu_mem is not None
+        else _device_budget(None, dev)
+    )
+    host = (
         _budget.parse_size(max_cpu_mem, "max_cpu_mem")
         if max_cpu_mem is not None
         else _budget.host_available()
     )
-
-    weights = list(_weights(model).values())
-    if not weights:
-        raise DispatchError(
-            "model has no Linear, Embedding or Conv1D weights to compress; nothing to dispatch"
-        )
-    for w in weights:
-        if w.param.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise DispatchError(f"{w.key} has dtype {w.param.dtype}; expected bf16, fp16 or fp32")
-        for _, m in w.users:
-            if isinstance(m, nn.Embedding) and m.max_norm is not None:
-                raise DispatchError(f"{w.key}: Embedding(max_norm=...) rewrites its weight")
-
-    roots = _layer_roots(model)
-    for w in weights:
-        owner = w.users[0][0]
-        w.root = next((r for r in roots if _inside(owner, r)), None)
-    layer_bytes = {r: 0 for r in roots}
-    for w in weights:
-        if w.root is not None:
-            layer_bytes[w.root] += w.nbytes
-    limit = (
-        _budget.parse_size(max_block_bytes, "max_block_bytes")
-        if max_block_bytes is not None
-        else max(layer_bytes.values(), default=0)
+    run = _Run(
+        dev,
+        CodecConfig(mode=mode),
+        device_bytes,
+        host,
+        prefetch,
+        reserve,
+        float(pcie_gbps),
+        float(disk_gbps),
+        False,
+        False,
     )
-    _cut_pieces(weights, limit)
+    _tie(model)
+    sample = next(iter(_weights(model).values()), None)
+    if sample is None:
+        raise DispatchError("model has no Linear, Embedding or Conv1D weights to plan")
+    bits = bits_per_weight or estimated_bits(sample.dtype, mode, mantissa_bits, block_size)
+    weights, roots = _granular(model, run, max_block_bytes, granularity, bits, disk)
+    return _estimated_plan(model, run, weights, roots, bits, disk)
 
-    # compression (on the host), then the plan
-    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-    if target_bits is None:
-        bits: dict[str, int | None] = {}
-        compressed = _compress(weights, cfg, bits, pool, progress)
-    else:
-        bits, compressed = _compress_to_target(
-            model, weights, cfg, target_bits, calibration, pool, progress
-        )
+
+def _finish(model, run: _Run, weights, roots, compressed, locations, bits, pool) -> nn.Module:
+    """Plan, build the executor, swap the modules, hook: the common end of dispatch and load."""
     resident = _resident_bytes(model, weights)
     for w in weights:
         w.param = None  # the compressed copies are the truth now
-    blocks, specs = _blocks(weights, compressed, dev)
-    res = _reserve(reserve, model, dev, device_bytes)
-    options = PlanOptions(
-        device_bytes=device_bytes,
-        host_bytes=host_bytes,
-        reserve_bytes=res,
-        resident_bytes=resident,
-        prefetch=prefetch,
-        copies=dev.type == "cuda",
-        pcie_gbps=pcie_gbps,
-        decode_gbps=GPU_DECODE_GBPS if dev.type == "cuda" else CPU_DECODE_GBPS,
-        device=str(dev),
-    )
-    plan = make_plan(specs, options)
+    blocks, specs = _blocks(weights, compressed, locations, run.dev)
+    dev = run.dev
+    options = _plan_options(model, run, resident, bool(locations))
+    try:
+        plan = make_plan(specs, options)
+    except Exception:
+        pool.shutdown()
+        raise
     log.info("neuzip plan:\n%s", plan)
-
-    executor = Executor(plan, blocks, dev, pool=pool, log_events=log_events)
+    executor = Executor(plan, blocks, dev, pool=pool, log_events=run.log_events)
     handle = Dispatched(
-        plan, executor, dev, cfg, compressed, weights, [], pool=pool, mantissa_bits=bits
+        plan,
+        executor,
+        dev,
+        run.cfg,
+        compressed,
+        weights,
+        [],
+        pool=pool,
+        mantissa_bits=bits,
+        locations=locations,
     )
     _swap_modules(model, weights, executor, handle)
     _move_resident(model, dev, handle)
     _hook(model, weights, roots, executor, handle)
     model.neuzip = handle
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# weights from files: a Hugging Face checkpoint (compress while loading), or a neuzip checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put a loaded parameter or buffer in place of its meta placeholder."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    set_module_tensor_to_device(model, name, "cpu", value=value)
+
+
+def _weight_names(weights: list[_Weight]) -> dict[str, _Weight]:
+    """Every parameter name under which a compressed weight appears (tied: several)."""
+    names = {}
+    for w in weights:
+        for qn, _ in w.users:
+            names[f"{qn}.weight" if qn else "weight"] = w
+    return names
+
+
+def _compress_from_files(model, weights, checkpoint, cfg, pool, progress) -> dict:
+    """Stream a Hugging Face safetensors checkpoint: compress the weights, place the rest."""
+    from safetensors import safe_open
+
+    from .checkpoint import _source_shards
+
+    by_name = _weight_names(weights)
+    pending = {w.key: w for w in weights}
+    compressed: dict[str, CompressedTensor] = {}
+    for shard in _source_shards(Path(checkpoint)):
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                w = by_name.get(name)
+                if w is None:
+                    if _has_tensor(model, name):
+                        _set_tensor(model, name, f.get_tensor(name))
+                    continue
+                if w.key not in pending:
+                    continue  # a tied copy
+                w.param = f.get_tensor(name)
+                w.dtype = w.param.dtype
+                compressed.update(_compress([w], cfg, {}, pool, progress=False))
+                w.param = None
+                del pending[w.key]
+    if pending:
+        raise DispatchError(f"the checkpoint lacks {sorted(pending)[:5]}")
+    _check_materialized(model, weights)
+    return compressed
+
+
+def _has_tensor(model: nn.Module, name: str) -> bool:
+    module_name, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        return False
+    return leaf in module._parameters or leaf in module._buffers
+
+
+def _check_materialized(model: nn.Module, weights: list[_Weight]) -> None:
+    skip = set(_weight_names(weights))
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and n not in skip]
+    missing += [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if missing:
+        raise DispatchError(
+            f"the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
+
+
+def _model_from_config(path: Path, dtype: torch.dtype) -> nn.Module:
+    if not (path / "config.json").exists():
+        raise DispatchError(f"{path} has no config.json: pass model= (built on the meta device)")
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with init_empty_weights():
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except TypeError:  # transformers before 4.56 call it torch_dtype
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    return model.eval()
+
+
+def _tie(model: nn.Module) -> None:
+    """Tie a meta-built transformers model's weights as its config says (from_config under
+    init_empty_weights leaves them untied in recent transformers)."""
+    if any(p.device.type == "meta" for p in model.parameters()) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def load(
+    path: str | os.PathLike,
+    max_gpu_mem: int | str | None = None,
+    *,
+    max_cpu_mem: int | str | None = None,
+    offload_dir: str | os.PathLike | None = None,
+    model: nn.Module | None = None,
+    device: torch.device | str | None = None,
+    prefetch: int = 2,
+    reserve: int | str | None = "auto",
+    pcie_gbps: float = 25.0,
+    disk_gbps: float = 3.0,
+    granularity: str = "auto",
+    verify: bool = True,
+    progress: bool = True,
+    log_events: bool = True,
+) -> nn.Module:
+    """Run a compressed checkpoint (from ``neuzip-offload compress`` or save_compressed).
+
+    The model is built on the meta device from the checkpoint's config.json (or pass ``model``,
+    built on meta); small tensors are read, the compressed weights are planned into tiers: what
+    neither the device nor ``max_cpu_mem`` holds is read from the checkpoint's files as it is
+    needed (checksums checked on every read). ``offload_dir``: copy the shards the disk tier reads
+    to this (faster) disk first. ``verify``: check every tensor's checksum before planning.
+    """
+    from .checkpoint import Checkpoint
+
+    ck = Checkpoint(path)
+    first = next((e for e in ck.entries.values() if e.kind == "compressed"), None)
+    dtype = getattr(torch, first.dtype) if first is not None else torch.bfloat16
+    if model is None:
+        model = _model_from_config(ck.path, dtype)
+    _check_model(model, allow_meta=True)
+    _tie(model)
+    run = _resolve(
+        max_gpu_mem,
+        max_cpu_mem,
+        "lossless",
+        3,
+        512,
+        None,
+        prefetch,
+        reserve,
+        device,
+        None,
+        pcie_gbps,
+        disk_gbps,
+        progress,
+        log_events,
+    )
+    if verify:
+        ck.verify(progress=progress)
+    if offload_dir is not None:
+        ck = _copy_shards(ck, Path(offload_dir))
+    n_params = sum(math.prod(e.shape) for e in ck.entries.values() if e.kind == "compressed")
+    bits = 8 * ck.compressed_bytes() / max(n_params, 1)
+    weights, roots = _granular(model, run, None, granularity, bits, on_disk=True)
+    compressed, locations = {}, {}
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    for w in weights:
+        entry = _entry_for(ck, w)
+        w.dtype = getattr(torch, entry.dtype)
+        dims = {kind_of(m).split_dim for _, m in w.users}
+        if entry.kind == "compressed" and (len(entry.pieces) == 1 or dims == {0}):
+            w.pieces = [(p, a, b) for p, _, a, b in entry.pieces]
+            for p, shard, _, _ in entry.pieces:
+                header = ck.header(p, shard)
+                sizes = header.plane_sizes()
+                placeholders = {
+                    k: torch.empty(n, dtype=torch.uint8, device="meta") for k, n in sizes.items()
+                }
+                compressed[p] = CompressedTensor(header, placeholders, p)
+                locations[p] = ck.locations(p, shard)
+        else:  # stored plain, or in pieces this module cannot use: decode and compress again
+            w.param = _read_entry(ck, entry)
+            _cut_pieces([w], max(_layer_sizes(weights).values(), default=0))
+            compressed.update(_compress([w], run.cfg, {}, pool, progress=False))
+    _unify_blocks(weights, compressed, locations, ck)
+    weight_names = _weight_names(weights)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name in weight_names or t.device.type != "meta":
+            continue
+        key = name if name in ck.entries else ck.aliases.get(name)
+        if key is None:
+            raise DispatchError(f"{path}: the checkpoint lacks {name}")
+        _set_tensor(model, name, _read_entry(ck, ck.entries[key]))
+    _check_materialized(model, weights)
+    return _finish(model, run, weights, roots, compressed, locations, {}, pool)
+
+
+def _entry_for(ck, w: _Weight):
+    for qn, _ in w.users:
+        name = f"{qn}.weight" if qn else "weight"
+        key = name if name in ck.entries else ck.aliases.get(name)
+        if key is not None:
+            return ck.entries[key]
+    raise DispatchError(f"{ck.path}: the checkpoint lacks {w.key}")
+
+
+def _read_entry(ck, entry) -> torch.Tensor:
+    """A tensor of the checkpoint, decoded (pieces joined)."""
+    if entry.kind == "plain":
+        return ck.read_plain(entry.name)
+    parts = [decompress(ck.read_compressed(p, shard)) for p, shard, _, _ in entry.pieces]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _layer_sizes(weights: list[_Weight]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for w in weights:
+        if w.root is not None:
+            sizes[w.root] = sizes.get(w.root, 0) + w.nbytes
+    return sizes
+
+
+def _unify_blocks(weights, compressed, locations, ck) -> None:
+    """A layer block is read from disk whole or held in memory whole: read stragglers now."""
+    for root in {w.root for w in weights if w.root is not None}:
+        keys = [k for w in weights if w.root == root for k, _, _ in w.pieces]
+        on_disk = [k for k in keys if k in locations]
+        if on_disk and len(on_disk) != len(keys):
+            for k in on_disk:
+                loc = locations.pop(k)
+                shard = next(iter(loc.values())).path.name
+                compressed[k] = ck.read_compressed(k, shard)
+
+
+def _copy_shards(ck, dst: Path):
+    """The checkpoint's shards copied to ``dst`` (a faster disk), reopened there."""
+    import shutil
+
+    from .checkpoint import INDEX_NAME, Checkpoint
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in [
+        INDEX_NAME,
+        *sorted(
+            {p[1] for e in ck.entries.values() if e.pieces for p in e.pieces}
+            | {e.shard for e in ck.entries.values() if e.shard}
+        ),
+    ]:
+        if not (dst / f).exists() or (dst / f).stat().st_size != (ck.path / f).stat().st_size:
+            shutil.copyfile(ck.path / f, dst / f)
+    return Checkpoint(dst)
 
 
 def _device_budget(max_gpu_mem, dev: torch.device) -> int:
@@ -441,7 +974,9 @@ def _compress_to_target(model, weights, cfg, target_bits, calibration, pool, pro
     return bits, compressed
 
 
-def _blocks(weights, compressed, dev: torch.device) -> tuple[list[BlockData], list[BlockSpec]]:
+def _blocks(
+    weights, compressed, locations, dev: torch.device
+) -> tuple[list[BlockData], list[BlockSpec]]:
     """BlockData for the executor and BlockSpec for the planner, in module order."""
     items: list[tuple[str, list[str], int]] = []  # (name, keys, uses per forward)
     seen_roots: set[str] = set()
@@ -450,7 +985,8 @@ def _blocks(weights, compressed, dev: torch.device) -> tuple[list[BlockData], li
             items.extend((key, [key], len(w.users)) for key, _, _ in w.pieces)
         elif w.root not in seen_roots:
             seen_roots.add(w.root)
-            items.append((w.root, [v.key for v in weights if v.root == w.root], 1))
+            keys = [key for v in weights if v.root == w.root for key, _, _ in v.pieces]
+            items.append((w.root, keys, 1))
     data, specs = [], []
     for name, keys, uses in items:
         cts = [compressed[k] for k in keys]
@@ -467,7 +1003,8 @@ def _blocks(weights, compressed, dev: torch.device) -> tuple[list[BlockData], li
         else:  # the zstd symbol buffer
             ws = max((ct.numel for ct in cts if ct.codec == "zstd"), default=0)
         nbytes = PackedLayout.of(cts).nbytes + sum(ct.header_nbytes for ct in cts)
-        data.append(BlockData(name, keys, cts))
+        on_disk = all(k in locations for k in keys)
+        data.append(BlockData(name, keys, cts, [locations[k] for k in keys] if on_disk else None))
         specs.append(
             BlockSpec(
                 name,
@@ -477,16 +1014,18 @@ def _blocks(weights, compressed, dev: torch.device) -> tuple[list[BlockData], li
                 ws,
                 uses,
                 stored_bytes=sum(ct.nbytes for ct in cts),
+                on_disk=on_disk,
             )
         )
     return data, specs
 
 
 def _resident_bytes(model: nn.Module, weights: list[_Weight]) -> int:
-    skip = {id(w.param) for w in weights}
+    """Bytes of the parameters and buffers that stay decoded (everything but the weights)."""
+    skip = set(_weight_names(weights))
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in skip or id(t) in seen:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name in skip or id(t) in seen:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
@@ -568,9 +1107,12 @@ def undispatch(model: nn.Module) -> nn.Module:
         h.remove()
     handle.executor.close()
     for w in handle.weights:
-        parts = [decompress(handle.compressed[key], pool=handle.pool) for key, _, _ in w.pieces]
+        parts = [
+            decompress(handle.compressed_tensor(key), pool=handle.pool) for key, _, _ in w.pieces
+        ]
         full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=w.kind.split_dim)
-        param = nn.Parameter(full.to(w.device), requires_grad=w.requires_grad)
+        home = w.device if w.device.type != "meta" else torch.device("cpu")  # loaded: host
+        param = nn.Parameter(full.to(home), requires_grad=w.requires_grad)
         for _, m in w.users:
             m.weight = param
     for parent, attr, original, _ in handle.swaps:

@@ -80,3 +80,44 @@ def load_smollm2_tokenizer():
 def matrices(state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16):
     """Every float tensor of at least two dimensions, cast to ``dtype`` (name → tensor)."""
     return {k: v.to(dtype) for k, v in state_dict.items() if v.is_floating_point() and v.dim() >= 2}
+
+
+def export_safetensors(model, out_dir, max_shard_bytes: int = 2 * 10**9) -> None:
+    """Write a model as a Hugging Face safetensors directory (sharded, with index and config).
+
+    For models transformers will not save itself (read from GGUF, say). Tied weights are
+    written once, as transformers does.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seen, state = set(), {}
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen and t.numel():
+            continue
+        seen.add(t.data_ptr())
+        state[name] = t.detach().contiguous()
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
+    )
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=1, default=str))

@@ -1,16 +1,19 @@
-"""The schedule loop: blocks are copied and decoded ahead of their use, on side streams.
+"""The schedule loop: blocks are read, copied and decoded ahead of their use, on side streams.
 
 Modules ask and notify; the executor decides all I/O:
 
     enter(block)   before a block runs: the compute stream waits for the block's "ready" event
-                   (a miss fetches it now), then blocks j+1 .. j+prefetch of the recorded order are
-                   requested: copy stream pinned host → staging, decode stream staging → slot
+                   (a miss fetches it now); then blocks j+1 .. j+prefetch of the recorded order
+                   are requested — copy stream: pinned host → staging, decode stream: staging →
+                   slot — and disk blocks up to read_ahead further are read by a background
+                   reader into pinned host staging, so disk → host → device is one pipeline
     weight(key)    a view of the decoded weight in its slot (or its resident tensor)
     exit(block)    after a block ran: its slot is released behind an event on the compute stream
 
-The order is recorded during the first forward (module order predicts it until then). There is no
-host synchronization and no empty_cache() in the loop; with the CPU backend the same calls run,
-copies are skipped (the decoder reads host memory) and decoding happens at request time.
+The order is recorded during the first forward (module order predicts it until then). All CUDA
+work is issued from the calling thread; the reader thread only reads files and checks CRCs. No
+device synchronization and no empty_cache() in the loop. With the CPU backend the same calls
+run: copies are skipped (the decoder reads host memory) and decoding happens at request time.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import collections
 import logging
 import time
 from concurrent.futures import Executor as ThreadPool
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -27,9 +31,18 @@ from neuzip_offload import backend
 from neuzip_offload.codec import decode_into, decompress_many
 from neuzip_offload.compressed import CompressedTensor
 
-from .plan import DEVICE, DEVICE_COMPRESSED, HOST, Plan
+from .plan import DEVICE, DEVICE_COMPRESSED, DISK, HOST, Plan
 from .streams import Streams
-from .tiers import Accountant, PackedLayout, SlotEntry, bind, pack, slot_layout
+from .tiers import (
+    Accountant,
+    PackedLayout,
+    PlaneLocation,
+    SlotEntry,
+    bind,
+    pack,
+    read_packed,
+    slot_layout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +51,16 @@ LOG_LIMIT = 200_000
 
 @dataclass
 class BlockData:
-    """What dispatch hands the executor for one block: its weights, compressed, in order."""
+    """What dispatch hands the executor for one block: its weights, compressed, in order.
+
+    With ``locations`` the bytes are in files (a checkpoint) and the tensors' planes are
+    placeholders of the right sizes (e.g. on the meta device).
+    """
 
     name: str
     keys: list[str]
     cts: list[CompressedTensor]
+    locations: list[dict[str, PlaneLocation]] | None = None
 
 
 @dataclass
@@ -53,9 +71,10 @@ class _Block:
     keys: list[str]
     entries: list[SlotEntry]
     layout: PackedLayout
-    host_cts: list[CompressedTensor]  # the source of truth, on the host
+    cts: list[CompressedTensor]  # bound to host memory, or placeholders when on disk
     compressed_bytes: int
     decoded_bytes: int
+    locations: list[dict[str, PlaneLocation]] | None = None
     host_buf: torch.Tensor | None = None
     dev_cts: list[CompressedTensor] | None = None
     resident: dict[str, torch.Tensor] | None = None
@@ -77,11 +96,26 @@ class _Staging:
 
 
 @dataclass
+class _Read:
+    """A pinned host staging buffer of the disk reader, and the block read (or being read)."""
+
+    buf: torch.Tensor
+    block: int | None = None
+    future: Future | None = None
+    free: object | None = None  # copy-stream event after which the buffer may be overwritten
+
+
+def _cpu_bytes(n: int) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.uint8)
+
+
+@dataclass
 class Stats:
-    """Counters since dispatch (or the last ``reset``)."""
+    """Counters since dispatch."""
 
     forwards: int = 0
     copied_bytes: int = 0
+    read_bytes: int = 0
     decoded_bytes: int = 0
     fetches: int = 0
     misses: int = 0
@@ -93,6 +127,7 @@ class Stats:
         f = max(self.forwards, 1)
         return {
             "copied_bytes": self.copied_bytes / f,
+            "read_bytes": self.read_bytes / f,
             "decoded_bytes": self.decoded_bytes / f,
             "fetches": self.fetches / f,
             "misses": self.misses / f,
@@ -116,17 +151,21 @@ class Executor:
         self.device = device
         self.prefetch = plan.options.prefetch
         self.copies = plan.options.copies  # False on the CPU backend (tests may force True)
+        o = plan.options
+        self.read_ahead = o.prefetch if o.read_ahead is None else o.read_ahead
         self.pool = pool
         self.streams = Streams(device)
         self.events: collections.deque = collections.deque(maxlen=LOG_LIMIT)
         self.log_events = log_events
         self.stats = Stats()
-        budget = plan.options.device_bytes - plan.options.reserve_bytes
-        self.accountant = Accountant(budget)
-        self.accountant.hold("uncompressed parameters", plan.options.resident_bytes)
+        self.accountant = Accountant(o.device_bytes - o.reserve_bytes)
+        self.accountant.hold("uncompressed parameters", o.resident_bytes)
         self._statuses: list[torch.Tensor] = []  # device-side decode statuses, read in settle()
         self._blocks: list[_Block] = []
         self._block_of: dict[str, int] = {}
+        self._reader: ThreadPoolExecutor | None = None
+        self._reads: list[_Read] = []
+        self._read_of: dict[int, int] = {}
         self._build(blocks)
         self.static_order = list(range(len(self._blocks)))
         self.order: list[int] | None = None
@@ -140,6 +179,17 @@ class Executor:
     def _device_alloc(self, purpose: str, nbytes: int) -> torch.Tensor:
         self.accountant.hold(purpose, nbytes)
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    @staticmethod
+    def _host_copy(
+        data: BlockData, layout: PackedLayout, alloc
+    ) -> tuple[torch.Tensor, list[CompressedTensor]]:
+        """The block's tensors in one host buffer from ``alloc``: packed, or read from disk."""
+        if data.locations is None:
+            buf = pack(data.cts, alloc)
+            return buf, bind(data.cts, layout, buf)
+        buf = alloc(layout.nbytes)
+        return buf, read_packed(data.cts, layout, data.locations, buf)
 
     def _build(self, blocks: list[BlockData]) -> None:
         plan = self.plan
@@ -156,6 +206,12 @@ class Executor:
             if plan.workspace_bytes
             else None
         )
+        if plan.n_disk_staging:
+            self._reads = [
+                _Read(backend.empty_pinned(plan.disk_staging_bytes))
+                for _ in range(plan.n_disk_staging)
+            ]
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuzip-disk")
         for i, (data, spec, tier) in enumerate(zip(blocks, plan.blocks, plan.tiers, strict=True)):
             entries, _ = slot_layout(data.cts, data.keys)
             layout = PackedLayout.of(data.cts)
@@ -169,35 +225,43 @@ class Executor:
                 list(data.cts),
                 spec.compressed_bytes,
                 spec.decoded_bytes,
+                data.locations,
             )
             for k in data.keys:
                 self._block_of[k] = i
             if tier == DEVICE:
-                b.resident = {}
-                for k, ct in zip(data.keys, data.cts, strict=True):
-                    self.accountant.hold("resident decoded", ct.decoded_nbytes)
-                    out = torch.empty(ct.numel, dtype=ct.dtype, device=self.device)
-                    if self.copies:
-                        # The compressed planes visit the device while it decodes them: at setup,
-                        # when the reserve for activations is still unused.
-                        limit = plan.options.device_bytes
-                        with self.accountant.transient("setup copy", ct.nbytes, limit):
-                            self._decode(ct.to(self.device), out)
-                    else:
-                        self._decode(ct, out)
-                    b.resident[k] = out.view(ct.shape)
+                b.resident = self._decode_resident(data, layout)
             elif tier == DEVICE_COMPRESSED and self.copies:
-                buf = pack(data.cts, lambda n: self._device_alloc("resident compressed", n))
+                _, host = self._host_copy(data, layout, _cpu_bytes)
+                buf = pack(host, lambda n: self._device_alloc("resident compressed", n))
                 b.dev_cts = bind(data.cts, layout, buf)
             elif tier == DEVICE_COMPRESSED:  # CPU backend: the same memory, counted as device
                 self.accountant.hold("resident compressed", layout.nbytes)
-                b.dev_cts = list(data.cts)
-            else:
-                b.host_buf = pack(data.cts, backend.empty_pinned)
-                b.host_cts = bind(data.cts, layout, b.host_buf)
+                _, b.dev_cts = self._host_copy(data, layout, backend.empty_pinned)
+            elif tier == HOST:
+                b.host_buf, b.cts = self._host_copy(data, layout, backend.empty_pinned)
             self._blocks.append(b)
         if self.copies:
             self.streams.compute().synchronize()  # the setup copies are done
+
+    def _decode_resident(self, data: BlockData, layout: PackedLayout) -> dict[str, torch.Tensor]:
+        cts = data.cts
+        if data.locations is not None:
+            _, cts = self._host_copy(data, layout, _cpu_bytes)
+        out = {}
+        for k, ct in zip(data.keys, cts, strict=True):
+            self.accountant.hold("resident decoded", ct.decoded_nbytes)
+            t = torch.empty(ct.numel, dtype=ct.dtype, device=self.device)
+            if self.copies:
+                # The compressed planes visit the device while they decode: at setup, when the
+                # reserve for activations is still unused.
+                limit = self.plan.options.device_bytes
+                with self.accountant.transient("setup copy", ct.nbytes, limit):
+                    self._decode(ct.to(self.device), t)
+            else:
+                self._decode(ct, t)
+            out[k] = t.view(ct.shape)
+        return out
 
     # -- the forward protocol ------------------------------------------------------------------
     def begin_forward(self) -> None:
@@ -272,25 +336,41 @@ class Executor:
         if pos is not None:
             self._cursor = pos + 1
 
-    def _window(self) -> list[int]:
-        """The next ``prefetch`` blocks; once the order is known it wraps around, so the end of
-        one forward prefetches the start of the next (generation runs forward after forward)."""
+    def _window(self, extra: int = 0) -> list[int]:
+        """The next ``prefetch`` (+ ``extra``) blocks; once the order is known it wraps around,
+        so the end of one forward prefetches the start of the next."""
+        count = self.prefetch + extra
         if self.order is None:
-            return self.static_order[self._cursor : self._cursor + self.prefetch]
+            return self.static_order[self._cursor : self._cursor + count]
         n = len(self.order)
-        if n == 0:
-            return []
-        return [self.order[(self._cursor + i) % n] for i in range(min(self.prefetch, n))]
+        return [self.order[(self._cursor + i) % n] for i in range(min(count, n))]
 
     def _prefetch_window(self) -> None:
         window = self._window()
         for b in window:
-            if self._blocks[b].tier == DEVICE or b in self._slot_of:
+            blk = self._blocks[b]
+            if blk.tier == DEVICE or b in self._slot_of:
                 continue
+            if blk.tier == DISK:
+                r = self._read_of.get(b)
+                if r is None or not self._reads[r].future.done():
+                    continue  # not read yet: its copy and decode wait for a later step
             s = self._claim_slot(protect=window, required=False)
             if s is None:
                 break
             self._fetch(b, s)
+        if self._reads:
+            ahead = self._window(self.read_ahead)
+            unread = [
+                b
+                for b in ahead
+                if self._blocks[b].tier == DISK
+                and b not in self._read_of
+                and b not in self._slot_of
+            ]
+            for b in unread:
+                if not self._start_read(b):
+                    break
 
     def _claim_slot(self, protect: list[int], required: bool = True) -> int | None:
         """A slot whose block is not running nor about to run (its 'free' event guards reuse)."""
@@ -307,6 +387,47 @@ class Executor:
         if old is not None:
             del self._slot_of[old]
         return s
+
+    # -- disk ------------------------------------------------------------------------------------
+    def _start_read(self, b: int) -> bool:
+        """Hand block ``b`` to the background reader, if a staging buffer is free."""
+        free = [i for i, r in enumerate(self._reads) if r.block is None]
+        if not free:
+            return False
+        i = free[0]
+        r = self._reads[i]
+        blk = self._blocks[b]
+        buf = r.buf[: blk.layout.nbytes]
+        wait = r.free
+
+        def read() -> list[CompressedTensor]:
+            if wait is not None:
+                wait.synchronize()  # the last copy out of this buffer has finished
+            return read_packed(blk.cts, blk.layout, blk.locations, buf)
+
+        r.block, r.future, r.free = b, self._reader.submit(read), None
+        self._read_of[b] = i
+        self.stats.read_bytes += blk.layout.nbytes
+        self._note("read", blk.name)
+        return True
+
+    def _take_read(self, b: int) -> tuple[torch.Tensor, list[CompressedTensor], _Read]:
+        """The block in host staging: (buffer, tensors bound to it, its reader slot)."""
+        if b not in self._read_of and not self._start_read(b):
+            self._evict_read()
+            self._start_read(b)
+        r = self._reads[self._read_of.pop(b)]
+        cts = r.future.result()  # a host wait, for the file read only
+        r.block, r.future = None, None
+        return r.buf[: self._blocks[b].layout.nbytes], cts, r
+
+    def _evict_read(self) -> None:
+        """Drop a read-ahead that was not used yet (a miss needs its buffer)."""
+        i = next(i for i, r in enumerate(self._reads) if r.block is not None)
+        r = self._reads[i]
+        r.future.result()
+        del self._read_of[r.block]
+        r.block, r.future = None, None
 
     # -- I/O -------------------------------------------------------------------------------------
     def _decode(self, ct: CompressedTensor, out: torch.Tensor) -> None:
@@ -333,21 +454,29 @@ class Executor:
         self.stats.decoded_bytes += blk.decoded_bytes
         self._note("request", blk.name)
         st = self.streams
-        if blk.tier == HOST and self.copies:
+        read = None
+        if blk.tier == DISK:
+            host, host_cts, read = self._take_read(b)
+        else:
+            host = blk.host_buf
+            host_cts = blk.dev_cts if blk.tier == DEVICE_COMPRESSED else blk.cts
+        stage = None
+        if blk.tier in (HOST, DISK) and self.copies:
             stage = self._staging[self._next_staging]
             self._next_staging = (self._next_staging + 1) % len(self._staging)
             with st.on(st.copy):
                 if stage.free is not None:
                     st.copy.wait_event(stage.free)
-                stage.buf[: blk.layout.nbytes].copy_(blk.host_buf, non_blocking=True)
+                stage.buf[: blk.layout.nbytes].copy_(host, non_blocking=True)
                 copied = st.event()
                 copied.record(st.copy)
+            if read is not None:
+                read.free = copied  # the reader may refill this host buffer once copied
             self.stats.copied_bytes += blk.layout.nbytes
-            source = bind(blk.host_cts, blk.layout, stage.buf)
+            source = bind(host_cts, blk.layout, stage.buf)
             st.decode.wait_event(copied)
         else:
-            source = blk.dev_cts if blk.tier == DEVICE_COMPRESSED else blk.host_cts
-            stage = None
+            source = host_cts
         with st.on(st.decode):
             if slot.free is not None:
                 st.decode.wait_event(slot.free)
@@ -393,9 +522,12 @@ class Executor:
     def close(self) -> None:
         if self.closed:
             return
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
         self.streams.close()
         self._slots.clear()
         self._staging.clear()
+        self._reads.clear()
         self._workspace = None
         for b in self._blocks:
             b.host_buf = b.dev_cts = b.resident = None

@@ -5,6 +5,8 @@ Tiers, best first::
     device             decoded and resident on the device: no copy, no decode
     device-compressed  compressed and resident on the device: decoded into a slot on each use
     host               compressed in (pinned) host memory: copied to a staging buffer and decoded
+    disk               compressed in its checkpoint file: read ahead into pinned host staging
+                       by a background reader, then as host (only when the host budget is full)
 
 Everything the runtime allocates on the device counts against ``device_bytes``: uncompressed
 parameters (norms, biases, buffers), resident blocks, ``prefetch + 1`` slots for decoded blocks,
@@ -27,7 +29,8 @@ from neuzip_offload.budget import format_size
 DEVICE = "device"
 DEVICE_COMPRESSED = "device-compressed"
 HOST = "host"
-TIERS = (DEVICE, DEVICE_COMPRESSED, HOST)
+DISK = "disk"
+TIERS = (DEVICE, DEVICE_COMPRESSED, HOST, DISK)
 
 
 class PlanError(ValueError):
@@ -49,6 +52,7 @@ class BlockSpec:
     workspace_bytes: int = 0  # scratch its decode needs on the device
     uses: int = 1  # uses per forward (a tied embedding / lm_head: 2)
     stored_bytes: int | None = None  # the format's size (no alignment padding); for reports
+    on_disk: bool = False  # its bytes are in a file it can be read from (a disk tier is possible)
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,17 @@ class PlanOptions:
     pcie_gbps: float = 25.0
     decode_gbps: float = 800.0
     device: str = "cuda"
+    disk: bool = False  # blocks can be read from their files: a disk tier exists
+    disk_gbps: float = 3.0
+    read_ahead: int | None = (
+        None  # disk blocks read this many blocks beyond prefetch (None: = prefetch)
+    )
+
+    @property
+    def disk_staging_count(self) -> int:
+        """Pinned host buffers the background reader fills (prefetch + read-ahead, at least 1)."""
+        ahead = self.prefetch if self.read_ahead is None else self.read_ahead
+        return max(1, self.prefetch + ahead)
 
     def __post_init__(self) -> None:
         if self.prefetch < 0:
@@ -69,8 +84,8 @@ class PlanOptions:
         for name in ("device_bytes", "host_bytes", "reserve_bytes", "resident_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
-        if self.pcie_gbps <= 0 or self.decode_gbps <= 0:
-            raise ValueError("pcie_gbps and decode_gbps must be positive")
+        if self.pcie_gbps <= 0 or self.decode_gbps <= 0 or self.disk_gbps <= 0:
+            raise ValueError("pcie_gbps, decode_gbps and disk_gbps must be positive")
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,8 @@ class Plan:
     n_staging: int = 0
     staging_bytes: int = 0
     workspace_bytes: int = 0
+    n_disk_staging: int = 0
+    disk_staging_bytes: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     # -- totals ------------------------------------------------------------------------------
@@ -135,7 +152,13 @@ class Plan:
 
     @property
     def host_bytes(self) -> int:
-        return self._sum("compressed_bytes", (HOST,))
+        """Host bytes: blocks in host memory plus the disk reader's pinned staging buffers."""
+        staging = self.n_disk_staging * self.disk_staging_bytes
+        return self._sum("compressed_bytes", (HOST,)) + staging
+
+    @property
+    def disk_bytes(self) -> int:
+        return self._sum("compressed_bytes", (DISK,))
 
     @property
     def pcie_bytes_per_forward(self) -> int:
@@ -145,7 +168,16 @@ class Plan:
         return sum(
             b.uses * b.compressed_bytes
             for b, t in zip(self.blocks, self.tiers, strict=True)
-            if t == HOST
+            if t in (HOST, DISK)
+        )
+
+    @property
+    def disk_bytes_per_forward(self) -> int:
+        """Bytes read from disk per forward (from the page cache when it holds them)."""
+        return sum(
+            b.uses * b.compressed_bytes
+            for b, t in zip(self.blocks, self.tiers, strict=True)
+            if t == DISK
         )
 
     @property
@@ -156,10 +188,13 @@ class Plan:
             if t != DEVICE
         )
 
-    def seconds_lower_bound(self, pcie_gbps: float | None = None) -> float:
-        """Time per forward that the copies alone take, at ``pcie_gbps`` GB/s."""
-        gbps = pcie_gbps or self.options.pcie_gbps
-        return self.pcie_bytes_per_forward / (gbps * 1e9)
+    def seconds_lower_bound(
+        self, pcie_gbps: float | None = None, disk_gbps: float | None = None
+    ) -> float:
+        """Time per forward the transfers alone take: the slower of PCIe and disk (they overlap)."""
+        pcie = self.pcie_bytes_per_forward / ((pcie_gbps or self.options.pcie_gbps) * 1e9)
+        disk = self.disk_bytes_per_forward / ((disk_gbps or self.options.disk_gbps) * 1e9)
+        return max(pcie, disk)
 
     def tier_of(self, name: str) -> str:
         for b, t in zip(self.blocks, self.tiers, strict=True):
@@ -188,7 +223,7 @@ class Plan:
         counts = {t: self.tiers.count(t) for t in TIERS}
         lines += [
             f"blocks: {counts[DEVICE]} device, {counts[DEVICE_COMPRESSED]} device-compressed, "
-            f"{counts[HOST]} host",
+            f"{counts[HOST]} host, {counts[DISK]} disk",
             f"device ({o.device}): {format_size(self.gpu_bytes + o.reserve_bytes)} of "
             f"{format_size(o.device_bytes)} — uncompressed params {format_size(o.resident_bytes)}"
             f", resident {format_size(self._sum('decoded_bytes', (DEVICE,)))} decoded + "
@@ -196,10 +231,14 @@ class Plan:
             f"slots {self.n_slots} x {format_size(self.slot_bytes)}, staging {self.n_staging} x "
             f"{format_size(self.staging_bytes)}, workspace {format_size(self.workspace_bytes)}, "
             f"reserve {format_size(o.reserve_bytes)}",
-            f"host: {format_size(self.host_bytes)} of {format_size(o.host_bytes)}",
+            f"host: {format_size(self.host_bytes)} of {format_size(o.host_bytes)} (disk reader "
+            f"staging {self.n_disk_staging} x {format_size(self.disk_staging_bytes)}); disk: "
+            f"{format_size(self.disk_bytes)}",
             f"per forward: {format_size(self.pcie_bytes_per_forward)} over PCIe, "
+            f"{format_size(self.disk_bytes_per_forward)} from disk, "
             f"{format_size(self.decoded_bytes_per_forward)} decoded; lower bound "
-            f"{self.seconds_lower_bound() * 1e3:.2f} ms at {o.pcie_gbps:g} GB/s",
+            f"{self.seconds_lower_bound() * 1e3:.2f} ms at {o.pcie_gbps:g} GB/s PCIe and "
+            f"{o.disk_gbps:g} GB/s disk",
         ]
         lines += list(self.notes)
         return "\n".join(lines)
@@ -227,7 +266,7 @@ def _buffers(blocks, tiers, o: PlanOptions) -> tuple[int, int, int, int, int]:
         return 0, 0, 0, 0, 0
     slot = max(b.decoded_bytes for b in streamed)
     workspace = max(b.workspace_bytes for b in streamed)
-    hosted = [b for b, t in zip(blocks, tiers, strict=True) if t == HOST]
+    hosted = [b for b, t in zip(blocks, tiers, strict=True) if t in (HOST, DISK)]
     n_staging = max(1, o.prefetch) if (hosted and o.copies) else 0
     staging = max((b.compressed_bytes for b in hosted), default=0) if n_staging else 0
     return o.prefetch + 1, slot, n_staging, staging, workspace
@@ -321,14 +360,60 @@ def make_plan(blocks: list[BlockSpec] | tuple[BlockSpec, ...], options: PlanOpti
                 moved = True
         if not moved:
             break
-    host = sum(b.compressed_bytes for b, t in zip(blocks, tiers, strict=True) if t == HOST)
-    if host > o.host_bytes:
+    tiers, n_disk, disk_staging = _host_or_disk(blocks, tiers, o)
+    n_slots, slot, n_staging, staging, workspace = _buffers(blocks, tiers, o)
+    return Plan(
+        blocks, tuple(tiers), o, n_slots, slot, n_staging, staging, workspace, n_disk, disk_staging
+    )
+
+
+def _host_or_disk(blocks, tiers, o: PlanOptions) -> tuple[list[str], int, int]:
+    """Blocks not on the device stay in host memory while it lasts, the rest on disk.
+
+    The disk reader's staging buffers are as large as the largest block on disk, so each
+    candidate staging size is tried: blocks above it must stay in memory, the rest fill what
+    memory is left, most-used first; the choice that reads the least from disk wins.
+    """
+    off = [i for i, t in enumerate(tiers) if t == HOST]
+    need = sum(blocks[i].compressed_bytes for i in off)
+    if need <= o.host_bytes:
+        return tiers, 0, 0
+    if not o.disk:
         raise PlanError(
             f"max_cpu_mem={format_size(o.host_bytes)} is too small for the "
-            f"{format_size(host)} of compressed blocks that do not fit on the device"
+            f"{format_size(need)} of compressed blocks that do not fit on the device (from a "
+            "checkpoint on disk, neuzip_offload.load, the rest could stay on disk)"
         )
-    n_slots, slot, n_staging, staging, workspace = _buffers(blocks, tiers, o)
-    return Plan(blocks, tuple(tiers), o, n_slots, slot, n_staging, staging, workspace)
+    n_stage = o.disk_staging_count
+    best = None
+    for stage in sorted({blocks[i].compressed_bytes for i in off if blocks[i].on_disk}):
+        must = [i for i in off if blocks[i].compressed_bytes > stage or not blocks[i].on_disk]
+        left = o.host_bytes - n_stage * stage - sum(blocks[i].compressed_bytes for i in must)
+        if left < 0:
+            continue
+        trial = list(tiers)
+        rest = sorted((i for i in off if i not in must), key=lambda i: (-blocks[i].uses, i))
+        for i in rest:
+            if blocks[i].compressed_bytes <= left:
+                left -= blocks[i].compressed_bytes
+            else:
+                trial[i] = DISK
+        disk = sum(
+            b.uses * b.compressed_bytes for b, t in zip(blocks, trial, strict=True) if t == DISK
+        )
+        if best is None or disk < best[0]:
+            best = (disk, trial)
+    if best is None:
+        smallest = min(blocks[i].compressed_bytes for i in off)
+        raise PlanError(
+            f"max_cpu_mem={format_size(o.host_bytes)} is too small: the disk reader's {n_stage} "
+            "staging buffers must hold the largest block it reads (at least "
+            f"{format_size(smallest)}) and every larger block must then fit in memory beside them"
+        )
+    tiers = best[1]
+    disk = [i for i, t in enumerate(tiers) if t == DISK]
+    stage = max(blocks[i].compressed_bytes for i in disk) if disk else 0
+    return tiers, (n_stage if disk else 0), stage
 
 
 def with_options(plan: Plan, **changes) -> Plan:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from neuzip_offload.compressed import PLANE_NAMES, CompressedTensor
+from neuzip_offload.compressed import PLANE_NAMES, CompressedTensor, DamagedDataError, planes_crc
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,52 @@ SLOT_ALIGN = 256
 
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class PlaneLocation:
+    """Where a plane's bytes sit in a file (a checkpoint shard)."""
+
+    path: Path
+    offset: int  # absolute, in bytes
+    nbytes: int
+
+
+def pread_into(loc: PlaneLocation, out: torch.Tensor) -> None:
+    """Read a plane from disk straight into ``out`` (uint8, CPU, e.g. a pinned buffer)."""
+    view = memoryview(out.numpy()).cast("B")
+    with open(loc.path, "rb", buffering=0) as f:
+        got = os.preadv(f.fileno(), [view], loc.offset)
+    if got != loc.nbytes:
+        raise DamagedDataError(f"{loc.path.name}: truncated: read {got} of {loc.nbytes} bytes")
+
+
+def read_packed(
+    cts: list[CompressedTensor],
+    layout: PackedLayout,
+    locations: list[dict[str, PlaneLocation]],
+    buf: torch.Tensor,
+) -> list[CompressedTensor]:
+    """Read every plane of a block from disk into ``buf`` at its packed offsets, then check each
+    tensor (sizes, CRC-32, coder index): a damaged file raises DamagedDataError naming it."""
+    for entry, locs, ct in zip(layout.offsets, locations, cts, strict=True):
+        for k, (off, n) in entry.items():
+            loc = locs.get(k)
+            if loc is None or loc.nbytes != n:
+                raise DamagedDataError(f"{ct.name}: plane {k!r} is missing or mis-sized on disk")
+            pread_into(loc, buf[off : off + n])
+    bound = bind(cts, layout, buf)
+    for ct, locs in zip(bound, locations, strict=True):
+        files = sorted({loc.path.name for loc in locs.values()})
+        try:
+            if planes_crc(ct.planes) != ct.header.crc:
+                raise DamagedDataError(f"{ct.name}: the data fails its checksum")
+            problem = ct.structure_problem()
+            if problem:
+                raise DamagedDataError(f"{ct.name}: {problem}")
+        except DamagedDataError as e:
+            raise DamagedDataError(f"{', '.join(files)}: {e}") from None
+    return bound
 
 
 class BudgetExceededError(RuntimeError):

@@ -171,7 +171,7 @@ def test_a_model_on_meta_is_refused():
 def test_too_small_a_budget_names_the_minimum():
     model = tiny_llama()
     with pytest.raises(nzo.PlanError, match=r"max_gpu_mem=.* too small.*needs at least"):
-        nzo.dispatch(model, max_gpu_mem="100KB", reserve=0, progress=False)
+        nzo.dispatch(model, max_gpu_mem="10KB", reserve=0, progress=False)
     assert not hasattr(model, "neuzip")  # nothing was changed
 
 

@@ -52,3 +52,18 @@ def test_target_bits_seven_costs_under_one_percent_perplexity(smollm2):
     assert model.neuzip.plan.bits_per_weight <= 7.0
     ppl = evaluate.perplexity(model, evaluation)
     assert ppl / ref - 1 <= 0.01, (ppl, ref)
+
+
+def test_compressed_checkpoint_round_trip_with_a_disk_tier(smollm2, tmp_path):
+    base, tok = smollm2
+    bundled.export_safetensors(base, tmp_path / "hf", max_shard_bytes=100_000_000)
+    out = nzo.convert(tmp_path / "hf", tmp_path / "nz", progress=False)
+    ids = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = base(ids).logits
+    size = sum(p.numel() * p.element_size() for p in base.parameters())
+    model = nzo.load(out, max_gpu_mem=int(0.4 * size), max_cpu_mem=int(0.25 * size), progress=False)
+    assert "disk" in model.neuzip.plan.tiers
+    with torch.no_grad():
+        out_logits = model(ids).logits
+    assert torch.equal(out_logits.view(torch.int16), ref.view(torch.int16))

@@ -34,6 +34,14 @@ def test_split_merge_round_trips_every_pattern(dtype):
 
 
 @pytest.mark.parametrize("dtype", list(ALL))
+def test_host_and_torch_splits_agree(dtype):
+    x = ALL[dtype]()
+    host = planes._split_host(x.contiguous().reshape(-1))
+    generic = planes._split_torch(x.contiguous().reshape(-1))
+    assert torch.equal(host[0], generic[0]) and torch.equal(host[1], generic[1])
+
+
+@pytest.mark.parametrize("dtype", list(ALL))
 def test_merge_by_frames_equals_whole(dtype):
     """Merging pieces (as zstd frames arrive) writes exactly what one merge writes."""
     x = ALL[dtype]()[:50_000]

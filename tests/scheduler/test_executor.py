@@ -14,10 +14,17 @@ def _dispatched(prefetch: int, layers: int = 6):
     model = tiny_llama(layers=layers)
     with pytest.raises(nzo.PlanError) as e:
         nzo.dispatch(
-            tiny_llama(layers=layers), max_gpu_mem=1, reserve=0, prefetch=prefetch, progress=False
+            tiny_llama(layers=layers),
+            max_gpu_mem=1,
+            reserve=0,
+            prefetch=prefetch,
+            progress=False,
+            granularity="layer",
         )
     budget = e.value.minimum_device_bytes
-    nzo.dispatch(model, max_gpu_mem=budget, reserve=0, prefetch=prefetch, progress=False)
+    nzo.dispatch(
+        model, max_gpu_mem=budget, reserve=0, prefetch=prefetch, progress=False, granularity="layer"
+    )
     return model, budget
 
 
@@ -109,8 +116,10 @@ def test_the_staging_path_copies_and_decodes_exactly():
     from tests.helpers import same_bits
 
     g = torch.Generator().manual_seed(0)
-    weights = [[torch.randn(s, generator=g).to(torch.bfloat16) for s in ((32, 48), (7,), (48, 32))]
-               for _ in range(5)]  # fmt: skip
+    weights = [
+        [torch.randn(s, generator=g).to(torch.bfloat16) for s in ((32, 48), (7,), (48, 32))]
+        for _ in range(5)
+    ]
     blocks, specs = [], []
     for i, ws in enumerate(weights):
         keys = [f"b{i}.w{j}" for j in range(len(ws))]
@@ -128,8 +137,13 @@ def test_the_staging_path_copies_and_decodes_exactly():
     o = PlanOptions(device_bytes=1, host_bytes=10**9, prefetch=2, copies=True, device="cpu")
     with pytest.raises(nzo.PlanError) as e:
         make_plan(specs, o)
-    o = PlanOptions(device_bytes=e.value.minimum_device_bytes, host_bytes=10**9, prefetch=2,
-                    copies=True, device="cpu")  # fmt: skip
+    o = PlanOptions(
+        device_bytes=e.value.minimum_device_bytes,
+        host_bytes=10**9,
+        prefetch=2,
+        copies=True,
+        device="cpu",
+    )
     plan = make_plan(specs, o)
     assert "host" in plan.tiers and plan.n_staging == 2
     ex = Executor(plan, blocks, torch.device("cpu"))

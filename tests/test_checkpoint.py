@@ -1,0 +1,365 @@
+"""Compressed checkpoints: conversion, load with a disk tier, integrity, resume, memory, plans."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import neuzip_offload as nzo
+from neuzip_offload.checkpoint import INDEX_NAME, PROGRESS_NAME, Checkpoint, CheckpointError
+from neuzip_offload.cli import main as cli
+from neuzip_offload.scheduler.plan import DISK
+from tests.helpers import same_bits, tiny_gpt2, tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _hf_dir(tmp_path: Path, model, name: str = "hf") -> Path:
+    path = tmp_path / name
+    model.save_pretrained(path, max_shard_size="100KB")
+    return path
+
+
+def _reference(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+
+
+@pytest.mark.parametrize("factory", [lambda: tiny_llama(tied=True), tiny_gpt2])
+def test_round_trip_with_blocks_on_disk_is_bit_identical(tmp_path, factory):
+    src = _hf_dir(tmp_path, factory())
+    ref_model = _reference(src)
+    ids = torch.randint(1, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+    out = nzo.convert(src, tmp_path / "nz", progress=False)
+    assert len(list(out.glob("neuzip-*.safetensors"))) == len(list(src.glob("*.safetensors")))
+    assert (out / "config.json").exists() and not (out / PROGRESS_NAME).exists()
+    from safetensors.torch import load_file  # any safetensors reader opens the shards
+
+    for shard in out.glob("neuzip-*.safetensors"):
+        assert all(
+            t.dtype in (torch.uint8, torch.bfloat16, torch.float32)
+            for t in load_file(shard).values()
+        )
+    size = sum(p.numel() * p.element_size() for p in ref_model.parameters())
+    compressed = Checkpoint(out).compressed_bytes()
+    model = nzo.load(
+        out,
+        max_gpu_mem=int(0.5 * size),
+        max_cpu_mem=compressed // 2,
+        reserve=0,
+        prefetch=1,
+        progress=False,
+    )
+    assert DISK in model.neuzip.plan.tiers
+    with torch.no_grad():
+        for _ in range(3):
+            assert same_bits(model(ids).logits, ref)
+    stats = model.neuzip.stats
+    assert stats["per_forward"]["read_bytes"] > 0
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids[:1], **kw), ref_model.generate(ids[:1], **kw))
+
+
+def test_dispatch_from_a_checkpoint_matches_load(tmp_path):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = _hf_dir(tmp_path, tiny_llama(tied=True))
+    ids = torch.randint(0, 1000, (1, 7))
+    loaded = nzo.load(
+        nzo.convert(src, tmp_path / "nz", progress=False), max_gpu_mem=10**8, progress=False
+    )
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
+    model = nzo.dispatch(meta.eval(), max_gpu_mem=10**8, checkpoint=src, progress=False)
+    with torch.no_grad():
+        assert same_bits(model(ids).logits, loaded(ids).logits)
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
+    offloaded = nzo.dispatch(
+        meta.eval(), max_gpu_mem=10**8, checkpoint=src, offload_dir=tmp_path / "off", progress=False
+    )
+    with torch.no_grad():
+        assert same_bits(offloaded(ids).logits, loaded(ids).logits)
+
+
+def test_save_compressed_writes_what_load_reads(tmp_path):
+    model = tiny_llama()
+    ids = torch.randint(0, 1000, (1, 6))
+    with torch.no_grad():
+        ref = model(ids).logits
+    nzo.dispatch(model, max_gpu_mem=10**8, progress=False)
+    nzo.save_compressed(model, tmp_path / "saved", progress=False)
+    again = nzo.load(tmp_path / "saved", max_gpu_mem=10**8, progress=False)
+    with torch.no_grad():
+        # the dispatched model's buffers are its own (bf16 inv_freq here), so compare weights
+        assert torch.allclose(again(ids).logits.float(), ref.float(), atol=0.1)
+    nzo.undispatch(again)
+    nzo.undispatch(model)
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and v.dim() == 2:
+            assert same_bits(again.state_dict()[k], v), k
+
+
+def test_state_dicts_and_tied_aliases(tmp_path):
+    a = torch.randn(40, 30).to(torch.bfloat16)
+    state = {"emb": a, "head": a, "norm": torch.ones(30), "step": torch.tensor(7)}
+    nzo.save_compressed(state, tmp_path / "sd", progress=False)
+    ck = Checkpoint(tmp_path / "sd")
+    assert ck.aliases == {"head": "emb"}
+    assert ck.entries["emb"].kind == "compressed" and ck.entries["step"].kind == "plain"
+    assert torch.equal(ck.read_plain("step"), torch.tensor(7))
+
+
+# ------------------------------------------------------------------------------------------
+# integrity
+# ------------------------------------------------------------------------------------------
+
+
+def _converted(tmp_path: Path) -> Path:
+    return nzo.convert(_hf_dir(tmp_path, tiny_llama()), tmp_path / "nz", progress=False)
+
+
+def test_a_flipped_byte_names_the_tensor(tmp_path):
+    out = _converted(tmp_path)
+    ck = Checkpoint(out)
+    entry = ck.entries["model.layers.1.mlp.up_proj.weight"]
+    piece, shard = entry.pieces[0][:2]
+    loc = ck.locations(piece, shard)["raw"]
+    with open(loc.path, "r+b") as f:
+        f.seek(loc.offset + 17)
+        b = f.read(1)
+        f.seek(loc.offset + 17)
+        f.write(bytes([b[0] ^ 0x40]))
+    with pytest.raises(nzo.DamagedDataError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        nzo.load(out, max_gpu_mem=10**8, progress=False)
+    # without the up-front check, the block is checked as it is read from disk
+    with pytest.raises(nzo.DamagedDataError, match="up_proj.*checksum"):
+        nzo.load(out, max_gpu_mem=10**8, verify=False, progress=False)
+
+
+def test_a_truncated_or_missing_shard_names_itself(tmp_path):
+    out = _converted(tmp_path)
+    shard = sorted(out.glob("neuzip-*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    with pytest.raises(nzo.DamagedDataError, match=f"{shard.name}.*truncated"):
+        nzo.load(out, max_gpu_mem=10**8, progress=False)
+    shard.unlink()
+    with pytest.raises(nzo.DamagedDataError, match=f"{shard.name}.*missing"):
+        nzo.load(out, max_gpu_mem=10**8, progress=False)
+
+
+def test_an_unknown_version_is_refused(tmp_path):
+    out = _converted(tmp_path)
+    index = json.loads((out / INDEX_NAME).read_text())
+    index["version"] = 99
+    (out / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="version 99 is not supported"):
+        nzo.load(out, max_gpu_mem=10**8, progress=False)
+    with pytest.raises(CheckpointError, match="not a neuzip checkpoint"):
+        Checkpoint(tmp_path)
+
+
+def test_bad_conversion_arguments_are_refused(tmp_path):
+    src = _hf_dir(tmp_path, tiny_llama())
+    with pytest.raises(CheckpointError, match="does not exist"):
+        nzo.convert(tmp_path / "nope", tmp_path / "x")
+    with pytest.raises(CheckpointError, match="dst must differ"):
+        nzo.convert(src, src)
+    with pytest.raises(ValueError, match="dtype"):
+        nzo.convert(src, tmp_path / "x", dtype="int8")
+
+
+def test_conversion_can_change_the_dtype(tmp_path):
+    src = _hf_dir(tmp_path, tiny_llama(dtype=torch.float32))
+    out = nzo.convert(src, tmp_path / "nz", dtype="bf16", progress=False)
+    e = Checkpoint(out).entries["model.layers.0.self_attn.q_proj.weight"]
+    assert e.dtype == "bfloat16"
+    kept = nzo.convert(src, tmp_path / "nz32", progress=False)
+    assert Checkpoint(kept).entries["model.layers.0.self_attn.q_proj.weight"].dtype == "float32"
+
+
+# ------------------------------------------------------------------------------------------
+# streaming: resume after a kill, bounded memory
+# ------------------------------------------------------------------------------------------
+
+
+def _big_checkpoint(path: Path, shards: int = 5, rows: int = 2048) -> Path:
+    """A multi-shard safetensors directory of random bf16 matrices (each shard ~rows*4 KiB*2)."""
+    path.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        tensors = {
+            f"layers.{i}.{k}.weight": (torch.randn(rows, 1024, generator=g) * 0.02).to(
+                torch.bfloat16
+            )
+            for k in ("a", "b")
+        }
+        save_file(tensors, str(path / name))
+        weight_map.update(dict.fromkeys(tensors, name))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return path
+
+
+def test_a_killed_conversion_resumes_and_gives_the_same_files(tmp_path):
+    src = _big_checkpoint(tmp_path / "src", shards=6)
+    whole = nzo.convert(src, tmp_path / "whole", workers=1, progress=False)
+    dst = tmp_path / "resumed"
+    code = textwrap.dedent(f"""
+        import neuzip_offload as nzo
+        nzo.convert({str(src)!r}, {str(dst)!r}, workers=1, progress=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    deadline = time.time() + 120
+    progress = dst / PROGRESS_NAME
+    while time.time() < deadline:  # kill it once some, not all, shards are done
+        if progress.exists() and 2 <= len(json.loads(progress.read_text())["done"]) < 6:
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(json.loads(progress.read_text())["done"])
+    assert 1 <= done_before < 6, "the conversion was not caught midway"
+    assert not (dst / INDEX_NAME).exists()
+    before = {p.name: p.stat().st_mtime_ns for p in dst.glob("neuzip-*.safetensors")}
+    nzo.convert(src, dst, workers=1, progress=False)
+    kept = [n for n, t in before.items() if (dst / n).stat().st_mtime_ns == t]
+    assert len(kept) >= done_before  # finished shards were not redone
+    for f in sorted(whole.iterdir()):
+        assert (dst / f.name).read_bytes() == f.read_bytes(), f.name
+    assert not list(dst.glob("*.tmp"))
+
+
+def test_conversion_memory_stays_near_one_shard(tmp_path):
+    src = _big_checkpoint(tmp_path / "src", shards=10, rows=4096)  # 10 shards of 16 MiB
+    largest = max(p.stat().st_size for p in src.glob("*.safetensors"))
+    code = textwrap.dedent(f"""
+        import threading, time, psutil, neuzip_offload as nzo
+        proc = psutil.Process()
+        base = proc.memory_info().rss
+        peak = [base]
+        stop = threading.Event()
+        def watch():
+            while not stop.is_set():
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                time.sleep(0.002)
+        t = threading.Thread(target=watch); t.start()
+        nzo.convert({str(src)!r}, {str(tmp_path / "dst")!r}, workers=1, progress=False)
+        stop.set(); t.join()
+        print(peak[0] - base)
+    """)
+    growth = int(subprocess.check_output([sys.executable, "-c", code], cwd=REPO).split()[-1])
+    # one shard mapped and read, its compressed output, and the encoder's scratch
+    # (~11 bytes per weight of a pass, 8 Mi weights here)
+    bound = largest + largest + 11 * 8 * 2**20 + 64 * 2**20
+    assert growth < bound, (growth, largest, bound)
+    total = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    assert growth < total  # it never holds the whole checkpoint
+
+
+# ------------------------------------------------------------------------------------------
+# the 70B plan from a config, and the command line
+# ------------------------------------------------------------------------------------------
+
+LLAMA3_70B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "hidden_act": "silu",
+}
+
+
+def test_the_70b_plan_from_a_config_is_quick_and_allocates_nothing(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_70B))
+    code = textwrap.dedent(f"""
+        import time, psutil, torch, transformers, accelerate, neuzip_offload as nzo
+        from neuzip_offload.api import _model_from_config
+        from pathlib import Path
+        proc = psutil.Process(); base = proc.memory_info().rss; t = time.perf_counter()
+        model = _model_from_config(Path({str(tmp_path)!r}), torch.bfloat16)
+        plans = [nzo.plan_model(model, "8GB", max_cpu_mem="64GB", **kw) for kw in
+                 ({{}}, {{"mode": "lossy", "mantissa_bits": 3}},
+                  {{"mode": "lossy", "mantissa_bits": 1}})]
+        print(time.perf_counter() - t, proc.memory_info().rss - base,
+              plans[0].stored_bytes, plans[0].disk_bytes, plans[1].disk_bytes)
+    """)
+    seconds, growth, stored, disk0, disk1 = map(
+        float, subprocess.check_output([sys.executable, "-c", code], cwd=REPO).split()[-5:]
+    )
+    assert seconds < 5.0
+    assert growth < 200 * 2**20
+    assert 90e9 < stored < 100e9  # ≈ 10.7 bits per weight for 70.6B weights
+    assert disk0 > 0 and disk1 == 0  # lossless spills to disk at 64 GB; lossy k=3 does not
+
+
+def test_cli_compress_inspect_plan(tmp_path, capsys):
+    src = _hf_dir(tmp_path, tiny_llama())
+    out = tmp_path / "nz"
+    assert cli(["compress", str(src), str(out)]) == 0
+    assert cli(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "model.layers.0.mlp.up_proj.weight" in text and "checksums ok" in text
+    assert (
+        cli(["plan", str(out), "--max-gpu-mem", "1MB", "--max-cpu-mem", "1GB", "--device", "cpu"])
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "as stored" in text and "lower bound" in text
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps(LLAMA3_70B))
+    assert (
+        cli(
+            [
+                "plan",
+                str(tmp_path / "cfg" / "config.json"),
+                "--max-gpu-mem",
+                "8GB",
+                "--max-cpu-mem",
+                "64GB",
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    for label in ("lossless", "lossy k=3", "lossy k=1"):
+        assert f"=== {label} ===" in text
+    assert "from disk" in text and "s/token" in text
+    assert math.isfinite(float(text.split("planned in ")[1].split()[0]))
+
+
+def test_bench_helpers_export_models_transformers_cannot(tmp_path):
+    from neuzip_offload import bundled
+
+    model = tiny_llama()
+    bundled.export_safetensors(model, tmp_path / "exp", max_shard_bytes=100_000)
+    assert len(list((tmp_path / "exp").glob("*.safetensors"))) > 1
+    assert os.path.exists(tmp_path / "exp" / "config.json")
