@@ -775,6 +775,12 @@ def load(
         progress,
         log_events,
     )
+    if run.dev.type == "cpu" and ck.settings.get("codec") == "ans":
+        log.warning(
+            "%s is coded with ans, which the CPU decodes at ~0.1 GB/s; for CPU inference convert "
+            "with codec='zstd' (neuzip-offload compress --codec zstd)",
+            ck.path,
+        )
     if verify:
         ck.verify(progress=progress)
     if offload_dir is not None:
