@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 
+from . import optim  # nzo.optim.SGD, nzo.optim.AdamW
 from .api import DispatchError, dispatch, estimate_reserve, load, plan_model, undispatch
 from .budget import parse_size
 from .checkpoint import Checkpoint, CheckpointError, convert, save_compressed
@@ -42,6 +43,7 @@ __all__ = [
     "dispatch",
     "estimate_reserve",
     "load",
+    "optim",
     "parse_size",
     "plan_model",
     "save_compressed",

@@ -19,7 +19,7 @@ import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -120,13 +120,17 @@ def _block_roots(model: nn.Module, granularity: str) -> list[str]:
     return roots
 
 
-def _weights(model: nn.Module) -> dict[int, _Weight]:
-    """Every compressible weight, once, with all modules that use it (tied weights: several)."""
+def _weights(model: nn.Module, frozen_only: bool = False) -> dict[int, _Weight]:
+    """Every compressible weight, once, with all modules that use it (tied weights: several).
+
+    ``frozen_only``: skip weights that require grad (the adapters of a LoRA model)."""
     found: dict[int, _Weight] = {}
     for qn, m in model.named_modules():
         kind = kind_of(m)
         w = getattr(m, "weight", None)
         if kind is None or not isinstance(w, torch.Tensor) or w.dim() != 2:
+            continue
+        if frozen_only and w.requires_grad:
             continue
         if id(w) in found:
             found[id(w)].users.append((qn, m))
@@ -204,9 +208,23 @@ class Dispatched:
     pool: ThreadPoolExecutor | None = None
     mantissa_bits: dict[str, int | None] = field(default_factory=dict)
     locations: dict[str, dict] = field(default_factory=dict)  # piece key → planes on disk
+    trainer: object | None = None  # the fused optimizer's runtime (dispatch(trainable=True))
+    dirty: set = field(default_factory=set)  # keys whose decoded resident tensor is the truth
+
+    @property
+    def optimizer(self):
+        """The fused optimizer: change its hyper-parameters here (``.lr = ...``)."""
+        if self.trainer is None:
+            raise AttributeError("the model was not dispatched with trainable=True")
+        return self.trainer.optimizer
 
     def compressed_tensor(self, key: str) -> CompressedTensor:
         """A piece with its planes in host memory (read from its file if it stays on disk)."""
+        if key in self.dirty:  # trained while resident decoded: encode the current values
+            from .training import reencode
+
+            self.compressed[key] = reencode(self.executor.weight(key), self.compressed[key])
+            self.dirty.discard(key)
         ct = self.compressed[key]
         if key not in self.locations:
             return ct.cpu()
@@ -326,11 +344,19 @@ def _resolve(
     )
 
 
+def _partly_frozen(model: nn.Module) -> bool:
+    flags = {p.requires_grad for p in model.parameters()}
+    return flags == {True, False}
+
+
 def _analyze(
-    model: nn.Module, max_block_bytes, granularity: str = "layer"
+    model: nn.Module, max_block_bytes, granularity: str = "layer", trainable: bool = False
 ) -> tuple[list[_Weight], list[str]]:
-    """The compressible weights (with their block and pieces) and the block roots."""
-    weights = list(_weights(model).values())
+    """The compressible weights (with their block and pieces) and the block roots.
+
+    A partly frozen model (LoRA) dispatched for inference-style use gets only its frozen
+    weights compressed; ``trainable`` compresses every weight."""
+    weights = list(_weights(model, frozen_only=not trainable and _partly_frozen(model)).values())
     if not weights:
         raise DispatchError(
             "model has no Linear, Embedding or Conv1D weights to compress; nothing to dispatch"
@@ -356,7 +382,7 @@ def _analyze(
         if max_block_bytes is not None
         else max(layer_bytes.values(), default=0)
     )
-    _cut_pieces(weights, limit)
+    _cut_pieces(weights, limit, trainable)
     return weights, roots
 
 
@@ -380,6 +406,11 @@ def dispatch(
     disk_gbps: float = 3.0,
     max_block_bytes: int | str | None = None,
     granularity: str = "auto",
+    trainable: bool = False,
+    optimizer=None,
+    grad_accum_steps: int = 1,
+    clip_grad_norm: float | None = None,
+    clip_mode: str = "tensor",
     progress: bool = True,
     log_events: bool = True,
 ) -> nn.Module:
@@ -400,8 +431,32 @@ def dispatch(
         (default: the largest block's size).
     granularity: blocks are whole layers ("layer"), their parts ("module": attention, MLP) or
         single matrices ("linear"); "auto" takes the coarsest whose estimated plan fits.
+    trainable: train every weight (lossless only): ``optimizer`` (neuzip_offload.optim.SGD or
+        AdamW) updates each tensor as soon as its gradient exists, compressed weights are then
+        re-encoded; ``grad_accum_steps``, ``clip_grad_norm``/``clip_mode``: see
+        neuzip_offload/training.py. Without it, a model whose parameters are partly frozen (a
+        LoRA model, say) gets only its frozen weights compressed: train the rest with any torch
+        optimizer — backward decodes the frozen weights again, they are never saved.
     """
     _check_model(model, allow_meta=checkpoint is not None)
+    if trainable:
+        if mode != "lossy":
+            from .optim import check
+
+            if optimizer is None:
+                raise ValueError(
+                    "trainable=True needs optimizer=neuzip_offload.optim.SGD(...) or AdamW(...)"
+                )
+            check(optimizer)
+        else:
+            raise ValueError(
+                "trainable=True needs mode='lossless': lossy weights are for inference (an "
+                "update smaller than the dropped mantissa bits would be lost on re-encoding)"
+            )
+        if checkpoint is not None:
+            raise ValueError("trainable=True with checkpoint=: load the weights first")
+    elif optimizer is not None:
+        raise ValueError("optimizer is used only with trainable=True")
     run = _resolve(
         max_gpu_mem,
         max_cpu_mem,
@@ -450,7 +505,9 @@ def dispatch(
         _tie(model)
     dtype = next(iter(_weights(model).values())).dtype if _weights(model) else torch.bfloat16
     bits = target_bits or estimated_bits(dtype, mode, mantissa_bits, block_size)
-    weights, roots = _granular(model, run, max_block_bytes, granularity, bits, on_disk=False)
+    weights, roots = _granular(
+        model, run, max_block_bytes, granularity, bits, on_disk=False, trainable=trainable
+    )
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
     bits: dict[str, int | None] = {}  # k per tensor, when target_bits chose them
     if checkpoint is not None:
@@ -461,7 +518,15 @@ def dispatch(
         bits, compressed = _compress_to_target(
             model, weights, run.cfg, target_bits, calibration, pool, progress
         )
-    return _finish(model, run, weights, roots, compressed, {}, bits, pool)
+    training = None
+    if trainable:
+        training = {
+            "optimizer": optimizer,
+            "grad_accum_steps": grad_accum_steps,
+            "clip_grad_norm": clip_grad_norm,
+            "clip_mode": clip_mode,
+        }
+    return _finish(model, run, weights, roots, compressed, {}, bits, pool, training)
 
 
 def estimated_bits(
@@ -503,13 +568,21 @@ def _estimated_specs(weights, roots, dev, bits: float, on_disk: bool) -> list[Bl
     return specs
 
 
-def _granular(model, run: _Run, max_block_bytes, granularity: str, bits: float, on_disk: bool):
+def _granular(
+    model,
+    run: _Run,
+    max_block_bytes,
+    granularity: str,
+    bits: float,
+    on_disk: bool,
+    trainable: bool = False,
+):
     """(weights, roots) at the granularity asked, or for "auto" the coarsest whose estimated plan
     fits: whole layers, else their attention/MLP parts, else single matrices."""
     if granularity != "auto":
-        return _analyze(model, max_block_bytes, granularity)
+        return _analyze(model, max_block_bytes, granularity, trainable)
     for g in GRANULARITIES:
-        weights, roots = _analyze(model, max_block_bytes, g)
+        weights, roots = _analyze(model, max_block_bytes, g, trainable)
         try:
             _estimated_plan(model, run, weights, roots, bits, on_disk)
             return weights, roots
@@ -599,7 +672,9 @@ def plan_model(
     return _estimated_plan(model, run, weights, roots, bits, disk)
 
 
-def _finish(model, run: _Run, weights, roots, compressed, locations, bits, pool) -> nn.Module:
+def _finish(
+    model, run: _Run, weights, roots, compressed, locations, bits, pool, training=None
+) -> nn.Module:
     """Plan, build the executor, swap the modules, hook: the common end of dispatch and load."""
     resident = _resident_bytes(model, weights)
     for w in weights:
@@ -607,6 +682,8 @@ def _finish(model, run: _Run, weights, roots, compressed, locations, bits, pool)
     blocks, specs = _blocks(weights, compressed, locations, run.dev)
     dev = run.dev
     options = _plan_options(model, run, resident, bool(locations))
+    if training is not None:  # re-encoded weights change size: no packed device copies
+        options = replace(options, device_compressed=False)
     try:
         plan = make_plan(specs, options)
     except Exception:
@@ -629,6 +706,15 @@ def _finish(model, run: _Run, weights, roots, compressed, locations, bits, pool)
     _swap_modules(model, weights, executor, handle)
     _move_resident(model, dev, handle)
     _hook(model, weights, roots, executor, handle)
+    if training is not None:
+        from .training import Trainer
+
+        plain = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        handle.trainer = Trainer(handle, plain=plain, **training)
+        trained = {w.key for w in weights if w.requires_grad}
+        for _, _, _, new in handle.swaps:
+            if any(p.key in trained or p.key.split("[")[0] in trained for p in new.pieces):
+                object.__setattr__(new, "_trainer", handle.trainer)
     model.neuzip = handle
     return model
 
@@ -897,14 +983,25 @@ def _reserve(reserve, model: nn.Module, dev: torch.device, device_bytes: int) ->
     return _budget.parse_size(reserve, "reserve")
 
 
-def _cut_pieces(weights: list[_Weight], limit: int) -> None:
-    """Row (or, for Conv1D, column) pieces for weights outside the layers larger than ``limit``."""
+def _cut_pieces(weights: list[_Weight], limit: int, trainable: bool = False) -> None:
+    """Row (or, for Conv1D, column) pieces for weights outside the layers larger than ``limit``.
+
+    Not when training through a Linear or Conv1D: its input gradient would then be summed piece
+    by piece, in another order than one matrix product sums it (not bit-identical)."""
     for w in weights:
         nbytes = w.nbytes
         dim = w.kind.split_dim
         length = w.shape[dim]
         split_dims = {kind_of(m).split_dim for _, m in w.users}
-        if w.root is not None or limit <= 0 or nbytes <= limit or length < 2 or len(split_dims) > 1:
+        whole = trainable and any(not isinstance(m, nn.Embedding) for _, m in w.users)
+        if (
+            w.root is not None
+            or limit <= 0
+            or nbytes <= limit
+            or length < 2
+            or len(split_dims) > 1
+            or whole
+        ):
             w.pieces = [(w.key, 0, length)]
             continue
         count = min(length, math.ceil(nbytes / limit))
@@ -1111,6 +1208,10 @@ def undispatch(model: nn.Module) -> nn.Module:
         raise DispatchError("model is not dispatched")
     for h in handle.hooks:
         h.remove()
+    for key in list(handle.dirty):  # trained while resident decoded: encode the current values
+        handle.compressed_tensor(key)
+    if handle.trainer is not None:
+        handle.trainer.close()
     handle.executor.close()
     for w in handle.weights:
         parts = [

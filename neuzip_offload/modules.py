@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .training import saved_weights_redecoded
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -32,6 +34,7 @@ class CompressedModule(nn.Module):
     def __init__(self, original: nn.Module, pieces: list[Piece], executor, shape, dtype):
         super().__init__()
         object.__setattr__(self, "_executor", executor)  # not a submodule
+        object.__setattr__(self, "_trainer", None)  # set by dispatch(trainable=True)
         object.__setattr__(self, "original", original)
         self.pieces = list(pieces)
         self.weight_shape = torch.Size(shape)
@@ -48,8 +51,15 @@ class CompressedModule(nn.Module):
                 pass
         return torch.empty(self.weight_shape, dtype=self.weight_dtype, device="meta")
 
-    def _piece_weight(self, piece: Piece) -> torch.Tensor:
-        return self._executor.weight(piece.key)
+    def _run(self, piece: Piece, op):
+        """``op(weight)`` on a piece's decoded weight. With autograd on, the weight is a trainable
+        leaf (when training) and backward decodes it again instead of keeping it."""
+        w = self._executor.weight(piece.key)
+        if not torch.is_grad_enabled():
+            return op(w)
+        used = self._trainer.leaf(piece.key, w) if self._trainer is not None else w
+        with saved_weights_redecoded(self._executor, piece.key, w):
+            return op(used)
 
     def _over_pieces(self, fn, predictable: bool = True) -> list[torch.Tensor]:
         ex = self._executor
@@ -57,7 +67,7 @@ class CompressedModule(nn.Module):
         for p in self.pieces:
             ex.enter(p.block, predictable)
             try:
-                outs.append(fn(p, ex.weight(p.key)))
+                outs.append(self._run(p, lambda w, p=p: fn(p, w)))
             finally:
                 ex.exit(p.block)
         return outs
@@ -74,7 +84,7 @@ class CompressedLinear(CompressedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.pieces) == 1:
-            return F.linear(x, self._executor.weight(self.pieces[0].key), self.bias)
+            return self._run(self.pieces[0], lambda w: F.linear(x, w, self.bias))
         b = self.bias
         parts = self._over_pieces(
             lambda p, w: F.linear(x, w, None if b is None else b[p.start : p.stop])
@@ -96,7 +106,7 @@ class CompressedConv1D(CompressedModule):
         size_out = x.size()[:-1] + (self.nf,)
         flat = x.view(-1, x.size(-1))
         if len(self.pieces) == 1:
-            y = torch.addmm(self.bias, flat, self._executor.weight(self.pieces[0].key))
+            y = self._run(self.pieces[0], lambda w: torch.addmm(self.bias, flat, w))
         else:
             b = self.bias
             y = torch.cat(
@@ -117,10 +127,9 @@ class CompressedEmbedding(CompressedModule):
         self.sparse = original.sparse
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if len(self.pieces) == 1:
-            w = self._executor.weight(self.pieces[0].key)
+        def lookup(rows_ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return F.embedding(
-                ids,
+                rows_ids,
                 w,
                 self.padding_idx,
                 self.max_norm,
@@ -128,11 +137,14 @@ class CompressedEmbedding(CompressedModule):
                 self.scale_grad_by_freq,
                 self.sparse,
             )
+
+        if len(self.pieces) == 1:
+            return self._run(self.pieces[0], lambda w: lookup(ids, w))
         # Only the pieces holding the requested rows are fetched (one host sync to learn which);
         # such lookups depend on the data, so they stay out of the recorded order.
         rows = self.pieces[0].stop - self.pieces[0].start
         needed = torch.unique(ids.reshape(-1) // rows).tolist()
-        out = torch.empty(
+        out = torch.zeros(
             *ids.shape, self.embedding_dim, dtype=self.weight_dtype, device=ids.device
         )
         ex = self._executor
@@ -140,9 +152,13 @@ class CompressedEmbedding(CompressedModule):
             p = self.pieces[i]
             ex.enter(p.block, predictable=False)
             try:
-                w = ex.weight(p.key)
                 sel = (ids >= p.start) & (ids < p.stop)
-                out[sel] = w[ids[sel] - p.start]
+                pad = self.padding_idx
+                pad = pad - p.start if pad is not None and p.start <= pad < p.stop else None
+                found = self._run(
+                    p, lambda w, sel=sel, p=p, pad=pad: F.embedding(ids[sel] - p.start, w, pad)
+                )
+                out = out.index_put((sel,), found)  # out of place: autograd follows it
             finally:
                 ex.exit(p.block)
         return out

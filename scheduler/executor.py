@@ -168,11 +168,17 @@ class Executor:
         self._read_of: dict[int, int] = {}
         self._build(blocks)
         self.static_order = list(range(len(self._blocks)))
-        self.order: list[int] | None = None
+        # orders recorded per phase; backward enters blocks as its saved weights are unpacked
+        self.orders: dict[str, list[int] | None] = {"forward": None, "backward": None}
+        self._phase = "forward"
         self._recording: list[int] | None = None
         self._cursor = 0
         self._entered: dict[int, int] = {}
         self._slot_of: dict[int, int] = {}
+        self._in_backward = False
+        self._backward_held: set[int] = set()
+        self.on_backward_end: list = []  # callbacks, e.g. the trainer's end of step
+        self._dirty: set[int] = set()  # host blocks whose tensors were re-encoded
         self.closed = False
 
     # -- setup -------------------------------------------------------------------------------
@@ -263,18 +269,70 @@ class Executor:
             out[k] = t.view(ct.shape)
         return out
 
-    # -- the forward protocol ------------------------------------------------------------------
-    def begin_forward(self) -> None:
+    # -- the forward and backward protocol -------------------------------------------------------
+    @property
+    def order(self) -> list[int] | None:
+        """The recorded forward order (None until the first forward has run)."""
+        return self.orders["forward"]
+
+    def _begin(self, phase: str) -> None:
+        self._phase = phase
         self._cursor = 0
-        if self.order is None and self._recording is None:
-            self._recording = []
+        self._recording = [] if self.orders[phase] is None else None
+
+    def _end(self, phase: str) -> None:
+        if self._recording is not None and self._phase == phase:
+            self.orders[phase] = self._recording
+            self._note(f"{phase} order", tuple(self._blocks[i].name for i in self._recording))
+        self._recording = None
+
+    def begin_forward(self) -> None:
+        self._begin("forward")
 
     def end_forward(self) -> None:
         self.stats.forwards += 1
-        if self._recording is not None:
-            self.order = self._recording
-            self._recording = None
-            self._note("order", tuple(self._blocks[i].name for i in self.order))
+        self._end("forward")
+
+    def backward_weight(self, key: str) -> torch.Tensor:
+        """A weight for backward (the graph kept only a marker): its block is entered, earlier
+        backward blocks are released — their ops have been issued by now — and the end of the
+        backward pass releases the rest."""
+        b = self._block_of[key]
+        if not self._in_backward:
+            self._in_backward = True
+            self._begin("backward")
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+        if b not in self._backward_held:
+            for held in list(self._backward_held):
+                self._backward_held.discard(held)
+                self.exit(held)
+            self.enter(b)
+            self._backward_held.add(b)
+        return self.weight(key)
+
+    def _end_backward(self) -> None:
+        for held in list(self._backward_held):
+            self.exit(held)
+        self._backward_held.clear()
+        self._in_backward = False
+        self._end("backward")
+        self._phase = "forward"
+        for fn in self.on_backward_end:
+            fn()
+
+    def is_resident(self, b: int) -> bool:
+        return self._blocks[b].tier == DEVICE
+
+    def replace(self, key: str, ct: CompressedTensor) -> None:
+        """A re-encoded tensor (on the host) takes the place of the old one in its block."""
+        b = self._block_of[key]
+        blk = self._blocks[b]
+        if blk.tier not in (HOST,):
+            raise RuntimeError(f"block {blk.name!r} ({blk.tier}) cannot take re-encoded weights")
+        blk.cts[blk.keys.index(key)] = ct
+        blk.locations = None
+        if self.copies:
+            self._dirty.add(b)  # repacked into its pinned buffer before its next copy
 
     def block_index(self, key: str) -> int:
         return self._block_of[key]
@@ -325,10 +383,17 @@ class Executor:
         return blk.entries[blk.keys.index(key)].view(slot.buf)
 
     # -- order and prefetch ----------------------------------------------------------------------
+    def _predicted(self) -> list[int]:
+        """This phase's order: recorded, or predicted (module order; backward: reversed)."""
+        if self.orders[self._phase] is not None:
+            return self.orders[self._phase]
+        forward = self.orders["forward"] or self.static_order
+        return forward[::-1] if self._phase == "backward" else forward
+
     def _advance(self, b: int) -> None:
         if self._recording is not None:
             self._recording.append(b)
-        order = self.order if self.order is not None else self.static_order
+        order = self._predicted()
         try:
             pos = order.index(b, self._cursor)
         except ValueError:
@@ -340,10 +405,11 @@ class Executor:
         """The next ``prefetch`` (+ ``extra``) blocks; once the order is known it wraps around,
         so the end of one forward prefetches the start of the next."""
         count = self.prefetch + extra
-        if self.order is None:
-            return self.static_order[self._cursor : self._cursor + count]
-        n = len(self.order)
-        return [self.order[(self._cursor + i) % n] for i in range(min(count, n))]
+        order = self._predicted()
+        if self.orders[self._phase] is None or not order:
+            return order[self._cursor : self._cursor + count]
+        n = len(order)
+        return [order[(self._cursor + i) % n] for i in range(min(count, n))]
 
     def _prefetch_window(self) -> None:
         window = self._window()
@@ -458,6 +524,8 @@ class Executor:
         if blk.tier == DISK:
             host, host_cts, read = self._take_read(b)
         else:
+            if b in self._dirty:
+                self._repack(blk)
             host = blk.host_buf
             host_cts = blk.dev_cts if blk.tier == DEVICE_COMPRESSED else blk.cts
         stage = None
@@ -497,6 +565,22 @@ class Executor:
             self.stats._timings.append((start, slot.ready))
         else:
             self.stats.decode_seconds += time.perf_counter() - t0
+
+    def _repack(self, blk: _Block) -> None:
+        """Re-encoded tensors changed the block's sizes: pack it again (a larger pinned buffer
+        if it grew), and grow the staging buffers if they no longer hold it."""
+        layout = PackedLayout.of(blk.cts)
+        blk.host_buf = pack(blk.cts, backend.empty_pinned)  # a new buffer: the old one is a source
+        blk.cts = bind(blk.cts, layout, blk.host_buf)
+        blk.layout = layout
+        for stage in self._staging:
+            if stage.buf.numel() < layout.nbytes:
+                if stage.free is not None:
+                    stage.free.synchronize()
+                self.accountant.release("staging", stage.buf.numel())
+                stage.buf = self._device_alloc("staging", layout.nbytes + layout.nbytes // 16)
+                stage.free = None
+        self._dirty.discard(blk.index)
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def _note(self, kind: str, *args) -> None:

@@ -67,6 +67,7 @@ class PlanOptions:
     decode_gbps: float = 800.0
     device: str = "cuda"
     disk: bool = False  # blocks can be read from their files: a disk tier exists
+    device_compressed: bool = True  # False when training: re-encoded weights change size
     disk_gbps: float = 3.0
     read_ahead: int | None = (
         None  # disk blocks read this many blocks beyond prefetch (None: = prefetch)
@@ -330,7 +331,7 @@ def make_plan(blocks: list[BlockSpec] | tuple[BlockSpec, ...], options: PlanOpti
         moves = []
         for i, (b, t) in enumerate(zip(blocks, tiers, strict=True)):
             if t == HOST:
-                if copy_s[i] > 0:
+                if copy_s[i] > 0 and o.device_compressed:
                     moves.append(
                         (
                             copy_s[i] / max(b.compressed_bytes, 1),

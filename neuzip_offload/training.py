@@ -1,0 +1,203 @@
+"""Training with compressed weights: fused per-tensor updates, then re-encoding.
+
+Under autograd a compressed weight is decoded for the forward and is *not* kept for backward:
+a saved-tensor hook replaces it in the graph by a marker, and backward decodes the weight again
+(in reverse block order, prefetched like the forward). With ``trainable=True`` each use of a
+weight in the forward is a fresh leaf whose post-accumulate-grad hook hands the gradient to the
+fused optimizer as soon as autograd has it (LOMO-style: no full set of gradients ever exists);
+once every use of the weight in this forward has delivered its part, the update runs on the
+decoded weight and the result is re-encoded with fresh frequency tables. Plain parameters
+(norms, biases) get the same hook and the same optimizer.
+
+Gradient accumulation (``grad_accum_steps=n``) sums each tensor's gradients in an fp32 host
+buffer and applies the update on every n-th backward (scale the loss by 1/n for a mean).
+
+Clipping (``clip_grad_norm``): exact global-norm clipping needs every gradient before any update,
+which fused updates do not have. ``clip_mode="tensor"`` clips each tensor's gradient to the norm
+on its own (exact per tensor); ``"lagged"`` scales every gradient of a step by
+min(1, max_norm / global norm of the *previous* step) (exact global clipping whenever the norm
+changes slowly from step to step). The global norm of each step is kept in ``grad_norm``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .codec import compress
+from .compressed import CompressedTensor
+from .config import CodecConfig
+from .optim import FusedOptimizer
+
+log = logging.getLogger(__name__)
+
+CLIP_MODES = ("tensor", "lagged")
+
+
+class _Saved:
+    """What the graph keeps instead of a decoded weight: its key and the view it saved."""
+
+    __slots__ = ("key", "offset", "size", "stride")
+
+    def __init__(self, key: str, size, stride, offset: int):
+        self.key, self.size, self.stride, self.offset = key, size, stride, offset
+
+
+@contextlib.contextmanager
+def saved_weights_redecoded(executor, key: str, weight: torch.Tensor) -> Iterator[None]:
+    """Within the block: tensors saved for backward that view ``weight`` are replaced by markers,
+    which backward turns back into the weight by decoding it again."""
+    start = weight.data_ptr()
+    end = start + weight.numel() * weight.element_size()
+    item = weight.element_size()
+
+    def pack(t: torch.Tensor):
+        if start <= t.data_ptr() < end and t.dtype == weight.dtype:
+            return _Saved(key, t.size(), t.stride(), (t.data_ptr() - start) // item)
+        return t
+
+    def unpack(obj):
+        if not isinstance(obj, _Saved):
+            return obj
+        w = executor.backward_weight(obj.key)
+        return w.as_strided(obj.size, obj.stride, w.storage_offset() + obj.offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+class Trainer:
+    """The fused optimizer's side of the runtime: leaves, gradient hooks, updates, re-encoding."""
+
+    def __init__(
+        self,
+        handle,
+        optimizer: FusedOptimizer,
+        grad_accum_steps: int = 1,
+        clip_grad_norm: float | None = None,
+        clip_mode: str = "tensor",
+        plain: list[tuple[str, nn.Parameter]] | None = None,
+    ):
+        if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be an int >= 1, got {grad_accum_steps!r}")
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be > 0 or None, got {clip_grad_norm!r}")
+        if clip_mode not in CLIP_MODES:
+            raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
+        self.handle = handle
+        self.executor = handle.executor
+        self.optimizer = optimizer
+        self.grad_accum_steps = grad_accum_steps
+        self.clip_grad_norm = clip_grad_norm
+        self.clip_mode = clip_mode
+        self.grad_norm: float | None = None  # global norm of the last applied step
+        self._sq = 0.0
+        self._uses: dict[str, int] = {}
+        self._partial: dict[str, torch.Tensor] = {}
+        self._accum: dict[str, torch.Tensor] = {}
+        self._micro: dict[str, int] = {}
+        self.steps = 0
+        self._hooks = []
+        for name, p in plain or []:
+            self._hooks.append(
+                p.register_post_accumulate_grad_hook(lambda t, name=name: self._on_plain(name, t))
+            )
+        self.executor.on_backward_end.append(self._end_backward)
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # -- the forward side ---------------------------------------------------------------------
+    def leaf(self, key: str, weight: torch.Tensor) -> torch.Tensor:
+        """A trainable leaf over the decoded weight for one use in this forward."""
+        leaf = weight.detach().requires_grad_(True)
+        self._uses[key] = self._uses.get(key, 0) + 1
+        leaf.register_post_accumulate_grad_hook(lambda t, key=key: self._on_grad(key, t))
+        return leaf
+
+    # -- gradients arrive -----------------------------------------------------------------------
+    def _on_grad(self, key: str, leaf: torch.Tensor) -> None:
+        grad, leaf.grad = leaf.grad, None
+        part = self._partial.get(key)
+        self._partial[key] = grad if part is None else part + grad  # as autograd would sum them
+        self._uses[key] -= 1
+        if self._uses[key] > 0:
+            return
+        del self._uses[key]
+        self._micro_step(key, self._partial.pop(key), self._apply_compressed)
+
+    def _on_plain(self, name: str, param: torch.Tensor) -> None:
+        grad, param.grad = param.grad, None
+        self._micro_step(name, grad, lambda key, g: self.optimizer.update(key, param.data, g))
+
+    def _micro_step(self, key: str, grad: torch.Tensor, apply) -> None:
+        n = self.grad_accum_steps
+        if n > 1:
+            acc = self._accum.get(key)
+            g32 = grad.to(device="cpu", dtype=torch.float32)
+            if acc is None:
+                self._accum[key] = g32
+            else:
+                acc += g32
+            self._micro[key] = self._micro.get(key, 0) + 1
+            if self._micro[key] % n:
+                return
+            grad = self._accum.pop(key).to(device=grad.device, dtype=grad.dtype)
+        self._sq += float(grad.float().square().sum())
+        grad = self._clip(grad)
+        apply(key, grad)
+
+    def _clip(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.clip_grad_norm is None:
+            return grad
+        if self.clip_mode == "tensor":
+            norm = float(grad.float().norm())
+        else:
+            norm = self.grad_norm if self.grad_norm is not None else 0.0
+        if norm > self.clip_grad_norm:
+            return grad * (self.clip_grad_norm / (norm + 1e-6))
+        return grad
+
+    def _end_backward(self) -> None:
+        if self._sq:
+            self.grad_norm = math.sqrt(self._sq)
+            self.steps += 1
+        self._sq = 0.0
+
+    # -- the update of a compressed weight -------------------------------------------------------
+    def _apply_compressed(self, key: str, grad: torch.Tensor) -> None:
+        ex = self.executor
+        b = ex.block_index(key)
+        ex.enter(b, predictable=False)
+        try:
+            weight = ex.weight(key)
+            self.optimizer.update(key, weight, grad)
+            if ex.is_resident(b):
+                self.handle.dirty.add(key)  # the decoded tensor is the truth; encode on save
+            else:
+                old = self.handle.compressed[key]
+                ct = reencode(weight, old)
+                self.handle.compressed[key] = ct
+                ex.replace(key, ct)
+        finally:
+            ex.exit(b)
+
+
+def reencode(weight: torch.Tensor, like: CompressedTensor) -> CompressedTensor:
+    """The updated weight compressed as ``like`` was (fresh tables), on the host."""
+    h = like.header
+    cfg = CodecConfig(
+        mode="lossless",
+        codec=h.codec,
+        chunk_size=h.chunk_size,
+        lanes=h.lanes,
+        prob_bits=h.prob_bits,
+    )
+    return compress(weight.detach().reshape(like.shape).cpu(), config=cfg, name=like.name)
