@@ -712,10 +712,18 @@ def _finish(
         plain = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         handle.trainer = Trainer(handle, plain=plain, **training)
         trained = {w.key for w in weights if w.requires_grad}
+        for w in weights:  # resident decoded weights are their own truth: drop the copies
+            for key, _, _ in w.pieces:
+                if w.requires_grad and executor.is_resident(executor.block_index(key)):
+                    handle.dirty.add(key)
+                    handle.compressed[key] = handle.compressed[key].placeholder()
         for _, _, _, new in handle.swaps:
             if any(p.key in trained or p.key.split("[")[0] in trained for p in new.pieces):
                 object.__setattr__(new, "_trainer", handle.trainer)
     model.neuzip = handle
+    from .training import _return_freed_memory
+
+    _return_freed_memory()  # the original weights and the encoder's scratch are gone
     return model
 
 

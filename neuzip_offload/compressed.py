@@ -247,6 +247,10 @@ class CompressedTensor:
     def with_planes(self, planes_: dict[str, torch.Tensor]) -> CompressedTensor:
         return CompressedTensor(self.header, planes_, self.name)
 
+    def placeholder(self) -> CompressedTensor:
+        """The same header with its planes on the meta device: sizes without the bytes."""
+        return self.to("meta")
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> CompressedTensor:
         """Move the compressed bytes (never decodes)."""
         device = torch.device(device)

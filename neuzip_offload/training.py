@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -170,6 +171,7 @@ class Trainer:
             self.grad_norm = math.sqrt(self._sq)
             self.steps += 1
         self._sq = 0.0
+        _return_freed_memory()
 
     # -- the update of a compressed weight -------------------------------------------------------
     def _apply_compressed(self, key: str, grad: torch.Tensor) -> None:
@@ -188,6 +190,26 @@ class Trainer:
                 ex.replace(key, ct)
         finally:
             ex.exit(b)
+
+
+def _libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+_LIBC = _libc() if sys.platform.startswith("linux") else None
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap memory freed during the step back to the OS (glibc keeps it otherwise:
+    re-encoding every weight each step leaves many freed blocks, measured +300-500 MB of RSS
+    on SmolLM2 without this)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def reencode(weight: torch.Tensor, like: CompressedTensor) -> CompressedTensor:

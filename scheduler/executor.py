@@ -237,6 +237,7 @@ class Executor:
                 self._block_of[k] = i
             if tier == DEVICE:
                 b.resident = self._decode_resident(data, layout)
+                b.cts = [ct.placeholder() for ct in data.cts]  # decoded now: keep no bytes
             elif tier == DEVICE_COMPRESSED and self.copies:
                 _, host = self._host_copy(data, layout, _cpu_bytes)
                 buf = pack(host, lambda n: self._device_alloc("resident compressed", n))
@@ -244,8 +245,9 @@ class Executor:
             elif tier == DEVICE_COMPRESSED:  # CPU backend: the same memory, counted as device
                 self.accountant.hold("resident compressed", layout.nbytes)
                 _, b.dev_cts = self._host_copy(data, layout, backend.empty_pinned)
-            elif tier == HOST:
+            elif tier == HOST and (self.copies or data.locations is not None):
                 b.host_buf, b.cts = self._host_copy(data, layout, backend.empty_pinned)
+            # (HOST on the CPU backend: the tensors as they are — nothing is copied from them)
             self._blocks.append(b)
         if self.copies:
             self.streams.compute().synchronize()  # the setup copies are done
