@@ -40,8 +40,9 @@ L = 1 << 16
 DEFAULT_PROB_BITS = 12
 DEFAULT_LANES = 32
 DEFAULT_CHUNK = 1 << 16
-# At most this many symbols go through one vectorized pass (temporaries: ~8 bytes per symbol).
-_MAX_PASS_SYMBOLS = 1 << 25
+# At most this many symbols go through one vectorized pass (temporaries: ~8 bytes per symbol;
+# measured: passes of 2M to 32M symbols encode at the same speed, so keep the workspace small).
+_MAX_PASS_SYMBOLS = 1 << 22
 
 
 @dataclass
@@ -206,22 +207,20 @@ def validate(stream: AnsStream, n: int, chunk_size: int, lanes: int, prob_bits: 
 
 
 def _encode_pass(
-    grids: torch.Tensor, lengths: torch.Tensor, freq: torch.Tensor, lanes: int, prob_bits: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Encode C chunks at once. grids [C, S * W] uint8; lengths [C]; freq [C, 256].
+    sym: np.ndarray, lengths: torch.Tensor, freq: torch.Tensor, lanes: int, prob_bits: int
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Encode C chunks at once. sym [S, C, W] uint8 (step, chunk, lane); lengths [C];
+    freq [C, 256].
 
-    Returns (words int16 in stream order, word counts per chunk, final states int64 [C, W]).
+    Returns (the words of each chunk, int16 in stream order; final states int64 [C, W]).
     """
-    C = grids.shape[0]
-    W = lanes
-    S = grids.shape[1] // W
+    S, C, W = sym.shape
     M = 1 << prob_bits
     # Tables of 257 entries per chunk: f | cum << 16. Entry 256 is the identity (f = M, cum = 0:
     # no emission, no change), which positions past a chunk's end read.
     f = torch.cat([freq, torch.full((C, 1), M, dtype=torch.int64)], dim=1)
     cum = torch.cat([freq.cumsum(dim=1) - freq, torch.zeros(C, 1, dtype=torch.int64)], dim=1)
     tab = (f | (cum << 16)).reshape(-1).numpy().astype(np.uint32)
-    sym = grids.view(C, S, W).permute(1, 0, 2).contiguous().numpy()  # [S, C, W] uint8
     row = (np.arange(C, dtype=np.intp) * 257)[:, None]
     # Ragged chunks (shorter than S * W) are the only ones with positions past their end:
     # from step ragged_from on, their rows are fixed up to read the identity entry.
@@ -252,11 +251,10 @@ def _encode_pass(
         q <<= prob_bits
         q |= r
         x = q
-    # the stream of each chunk is its emitted words in row-major (s, l) order
-    stream = hist.transpose(1, 0, 2)[emits.transpose(1, 0, 2)].view(np.int16)
-    counts = torch.from_numpy(np.count_nonzero(emits, axis=(0, 2)).astype(np.int64))
-    stream = torch.from_numpy(stream)
-    return stream, counts, torch.from_numpy(x.astype(np.int64))
+    # the stream of each chunk is its emitted words in row-major (s, l) order; chunk by chunk,
+    # so that no transposed copy of the history is made
+    words = [torch.from_numpy(hist[:, r, :][emits[:, r, :]].view(np.int16)) for r in range(C)]
+    return words, torch.from_numpy(x.astype(np.int64))
 
 
 def encode_many(
@@ -281,16 +279,22 @@ def encode_many(
     per_pass = max(1, _MAX_PASS_SYMBOLS // chunk_size)
     for start in range(0, len(jobs), per_pass):
         batch = jobs[start : start + per_pass]
-        grids = torch.zeros(len(batch), chunk_size, dtype=torch.uint8)
+        # the pass's symbols as [S, C, W]: step s of lane l of chunk r is symbol s * W + l
+        S = chunk_size // lanes
+        sym = np.zeros((S, len(batch), lanes), dtype=np.uint8)
         for r, (i, j, m) in enumerate(batch):
-            grids[r, :m] = planes_[i][j * chunk_size : j * chunk_size + m]
+            part = planes_[i][j * chunk_size : j * chunk_size + m].numpy()
+            full = m // lanes * lanes
+            sym[: m // lanes, r, :] = part[:full].reshape(-1, lanes)
+            if full < m:
+                sym[m // lanes, r, : m - full] = part[full:]
         lengths = torch.tensor([m for _, _, m in batch], dtype=torch.int64)
         freq = torch.stack([freqs[i][j] for i, j, _ in batch])
-        stream, cnt, x = _encode_pass(grids, lengths, freq, lanes, prob_bits)
-        bounds = [0, *cnt.cumsum(0).tolist()]
+        chunk_words, x = _encode_pass(sym, lengths, freq, lanes, prob_bits)
+        del sym
         for r, (i, _, _) in enumerate(batch):
-            words[i].append(stream[bounds[r] : bounds[r + 1]])
-            counts[i].append(cnt[r : r + 1])
+            words[i].append(chunk_words[r])
+            counts[i].append(torch.tensor([chunk_words[r].numel()], dtype=torch.int64))
             states[i].append(x[r])
     out = []
     for i, freq in enumerate(freqs):

@@ -173,28 +173,55 @@ def _split_torch(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return symbols, raw
 
 
+_HOST_PIECE = 1 << 20  # elements per pass of the host split: bounds its temporaries to ~4 MB
+
+
 def _split_host(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The same on the CPU, as numpy operations on 16-bit words: 2.4x faster single-threaded
-    (conversion workers run one thread each); results are identical (tested)."""
+    (conversion workers run one thread each); results are identical (tested). Works through the
+    tensor in pieces of ``_HOST_PIECE`` elements, so that re-encoding a large weight during
+    training needs little beyond its two output planes."""
     n = flat.numel()
     u = flat.view(torch.int16).numpy().view(np.uint16)
-    if flat.dtype == torch.float16:
-        symbols = (u >> 10).astype(np.uint8)  # sign << 5 | exponent
-        hi2 = torch.from_numpy(((u >> 8) & 0x3).astype(np.uint8))
-        raw = torch.cat([torch.from_numpy(u.astype(np.uint8)), pack_bits(hi2, 2)])
-        return torch.from_numpy(symbols), raw
-    hi = u if flat.dtype == torch.bfloat16 else u[1::2]  # fp32: the upper half-word
-    symbols = (hi >> 7).astype(np.uint8)  # the sign bit lands on bit 8 and is cut off
-    top = (hi >> 8).astype(np.uint8)
-    top &= 0x80
-    top |= (hi & 0x7F).astype(np.uint8)
-    if flat.dtype == torch.bfloat16:
-        return torch.from_numpy(symbols), torch.from_numpy(top)
-    raw = np.empty((3, n), dtype=np.uint8)
-    low = u[0::2]
-    raw[0] = low.astype(np.uint8)
-    raw[1] = (low >> 8).astype(np.uint8)
-    raw[2] = top
+    half = flat.dtype == torch.float16
+    symbols = np.empty(n, dtype=np.uint8)
+    if half:
+        raw = np.empty(n + (2 * n + 7) // 8, dtype=np.uint8)
+        hi2 = np.empty(n, dtype=np.uint8)
+    elif flat.dtype == torch.bfloat16:
+        raw = np.empty(n, dtype=np.uint8)
+    else:
+        raw = np.empty((3, n), dtype=np.uint8)
+    step = 2 if flat.dtype == torch.float32 else 1
+    tmp = np.empty(min(n, _HOST_PIECE), dtype=np.uint16)
+    for a in range(0, n, _HOST_PIECE):
+        b = min(n, a + _HOST_PIECE)
+        t = tmp[: b - a]
+        if half:
+            w = u[a:b]
+            np.right_shift(w, 10, out=t)
+            symbols[a:b] = t  # sign << 5 | exponent
+            np.right_shift(w, 8, out=t)
+            t &= 0x3
+            hi2[a:b] = t
+            raw[a:b] = w  # the low byte (astype keeps the low 8 bits)
+            continue
+        hi = u[2 * a + 1 : 2 * b : 2] if step == 2 else u[a:b]  # fp32: the upper half-word
+        np.right_shift(hi, 7, out=t)
+        symbols[a:b] = t  # the sign bit lands on bit 8 and is cut off
+        np.right_shift(hi, 8, out=t)
+        t &= 0x80
+        top = raw[a:b] if step == 1 else raw[2, a:b]
+        top[:] = t
+        np.bitwise_and(hi, 0x7F, out=t)
+        top |= t.astype(np.uint8)
+        if step == 2:
+            low = u[2 * a : 2 * b : 2]
+            raw[0, a:b] = low
+            np.right_shift(low, 8, out=t)
+            raw[1, a:b] = t
+    if half:
+        raw[n:] = pack_bits(torch.from_numpy(hi2), 2).numpy()
     return torch.from_numpy(symbols), torch.from_numpy(raw.reshape(-1))
 
 

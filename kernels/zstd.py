@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 
+import numpy as np
 import torch
 import zstandard
 
@@ -59,12 +60,11 @@ def encode(
     frames = _run(one, count, pool)
     offsets = torch.zeros(count + 1, dtype=torch.int64)
     offsets[1:] = torch.tensor([len(f) for f in frames], dtype=torch.int64).cumsum(0)
-    blob = b"".join(frames)
-    stream = (
-        torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-        if blob
-        else torch.zeros(0, dtype=torch.uint8)
-    )
+    stream = torch.empty(int(offsets[-1]), dtype=torch.uint8)
+    view = stream.numpy()
+    for i, f in enumerate(frames):  # one copy into the stream, frame by frame
+        view[int(offsets[i]) : int(offsets[i + 1])] = np.frombuffer(f, dtype=np.uint8)
+        frames[i] = b""
     return stream, offsets
 
 

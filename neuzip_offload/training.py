@@ -127,7 +127,11 @@ class Trainer:
     def _on_grad(self, key: str, leaf: torch.Tensor) -> None:
         grad, leaf.grad = leaf.grad, None
         part = self._partial.get(key)
-        self._partial[key] = grad if part is None else part + grad  # as autograd would sum them
+        if part is None:
+            self._partial[key] = grad
+        else:  # as autograd would sum them; in place, the partial sum is ours alone
+            part += grad
+            del grad
         self._uses[key] -= 1
         if self._uses[key] > 0:
             return
@@ -151,7 +155,7 @@ class Trainer:
             if self._micro[key] % n:
                 return
             grad = self._accum.pop(key).to(device=grad.device, dtype=grad.dtype)
-        self._sq += float(grad.float().square().sum())
+        self._sq += _square_norm(grad)
         grad = self._clip(grad)
         apply(key, grad)
 
@@ -159,7 +163,7 @@ class Trainer:
         if self.clip_grad_norm is None:
             return grad
         if self.clip_mode == "tensor":
-            norm = float(grad.float().norm())
+            norm = math.sqrt(_square_norm(grad))
         else:
             norm = self.grad_norm if self.grad_norm is not None else 0.0
         if norm > self.clip_grad_norm:
@@ -190,6 +194,20 @@ class Trainer:
                 ex.replace(key, ct)
         finally:
             ex.exit(b)
+
+
+_NORM_PIECE = 1 << 20
+
+
+def _square_norm(grad: torch.Tensor) -> float:
+    """Sum of squares in fp32, a piece at a time (an fp32 copy of a whole embedding's gradient
+    would be the largest allocation of the step)."""
+    flat = grad.reshape(-1)
+    total = 0.0
+    for piece in flat.split(_NORM_PIECE):
+        p32 = piece.float()
+        total += float(torch.dot(p32, p32))
+    return total
 
 
 def _libc():

@@ -319,3 +319,13 @@ def test_bad_optimizer_settings_are_refused():
         nzo.optim.SGD(nesterov=True)
     with pytest.raises(ValueError, match="state_dtype"):
         nzo.optim.AdamW(state_dtype=torch.int8)
+
+
+def test_square_norm_in_pieces_matches_the_whole(monkeypatch):
+    """The gradient norm is summed a piece at a time (no fp32 copy of a whole gradient)."""
+    from neuzip_offload import training
+
+    monkeypatch.setattr(training, "_NORM_PIECE", 1000)
+    g = torch.randn(123, 77, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    want = float(g.float().square().sum())
+    assert abs(training._square_norm(g) - want) <= 1e-5 * want

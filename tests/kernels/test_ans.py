@@ -58,6 +58,16 @@ def test_batched_encode_and_decode_equal_one_by_one():
         assert torch.equal(p, o) and bool(ok.all())
 
 
+def test_encoding_in_several_passes_equals_one(monkeypatch):
+    """Chunks are encoded a bounded number at a time; the split between passes changes nothing."""
+    sym = _symbols(5000, "skewed", seed=3)
+    one = ans.encode(sym, 256, 32, 10)
+    monkeypatch.setattr(ans, "_MAX_PASS_SYMBOLS", 3 * 256)
+    several = ans.encode(sym, 256, 32, 10)
+    for field in ("words", "states", "word_offsets", "table_lo", "table_len", "table_freq"):
+        assert torch.equal(getattr(one, field), getattr(several, field)), field
+
+
 def test_compresses_close_to_the_entropy():
     sym = _symbols(1 << 18, "skewed")
     st = ans.encode(sym)
