@@ -158,6 +158,19 @@ def check_ans(dev: str, data: Path | None) -> None:
             "ok" if not bad else "FAILED",
             ", ".join(bad),
         )
+        # the Triton encoder (compress on the GPU) writes the host encoder's bytes
+        on_gpu = [nzo.compress(t.to(dev), config=cfg, name=k).cpu() for k, t in tensors.items()]
+        bad = [
+            a.name
+            for a, b in zip(cts, on_gpu, strict=True)
+            if a.header != b.header
+            or any(not torch.equal(p, b.planes[k]) for k, p in a.planes.items())
+        ]
+        row(
+            f"rANS Triton encode, {mode}, {len(cts)} real tensors",
+            "ok" if not bad else "FAILED",
+            ", ".join(bad),
+        )
 
 
 @section
@@ -181,6 +194,28 @@ def time_decode(dev: str) -> None:
         t = cuda_time(lambda ct=ct, out=out, ws=ws: decode_into(ct, out, workspace=ws))
         note = f"{copy / t:.2f}x of copy; {ct.bits_per_weight:.3f} bits/weight"
         row(f"rANS Triton decode {mode}, 67M weights, GB/s", f"{gb / t:.0f}", note)
+
+
+@section
+def time_encode(dev: str) -> None:
+    """compress() on the GPU, end to end (split, histograms, encoder, compaction, checksum)."""
+    import time
+
+    import neuzip_offload as nzo
+    from neuzip_offload.config import CodecConfig
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(8192, 8192, generator=g) * 0.02).to(torch.bfloat16).to(dev)
+    cfg = CodecConfig(codec="ans")
+    times = []
+    for _ in range(6):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        nzo.compress(x, config=cfg)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    t = statistics.median(times[1:])
+    row("rANS compress on the GPU, 67M weights, GB/s", f"{2 * x.numel() / 1e9 / t:.1f}", "")
 
 
 def _llama_1b():
@@ -300,6 +335,72 @@ def dispatch_1b(dev: str) -> None:
     )
 
 
+def _train_steps(model, dev: str, steps: int = 4) -> list[float]:
+    """Seconds per training step (batch 1 x 512 tokens; forward + backward, updates fused)."""
+    import time
+
+    g = torch.Generator().manual_seed(1)
+    times = []
+    for _ in range(steps + 1):
+        ids = torch.randint(0, 32000, (1, 512), generator=g).to(dev)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(ids, labels=ids).loss.backward()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+@section
+def train_1b(dev: str) -> None:
+    """Issue 5's GPU rows: a step with compressed weights against the same fused SGD on plain
+    bf16 weights (LOMO-style hooks), time and torch.cuda.max_memory_allocated."""
+    import neuzip_offload as nzo
+
+    base = _llama_1b().train()
+    size = sum(p.numel() * p.element_size() for p in base.parameters())
+    plain = copy.deepcopy(base).to(dev)
+    opt = nzo.optim.SGD(lr=1e-4)
+    for name, p in plain.named_parameters():
+
+        def hook(t, name=name):
+            grad, t.grad = t.grad, None
+            opt.update(name, t.data, grad)
+
+        p.register_post_accumulate_grad_hook(hook)
+    torch.cuda.reset_peak_memory_stats()
+    t_plain = statistics.median(_train_steps(plain, dev))
+    peak_plain = torch.cuda.max_memory_allocated()
+    del plain
+    torch.cuda.empty_cache()
+    row(
+        "1B train step, fused SGD, plain bf16: s/step",
+        f"{t_plain:.3f}",
+        f"peak {peak_plain / 1e9:.2f} GB",
+    )
+    for label, budget in (("80% of plain peak", int(0.8 * peak_plain)), ("25% of size", size // 4)):
+        kw = {"trainable": True, "optimizer": nzo.optim.SGD(lr=1e-4), "progress": False}
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            model = nzo.dispatch(copy.deepcopy(base), max_gpu_mem=budget, **kw)
+        except nzo.PlanError as e:  # below the planner's minimum: take the minimum
+            budget, label = e.minimum_device_bytes, f"{label} -> planner's minimum"
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            model = nzo.dispatch(copy.deepcopy(base), max_gpu_mem=budget, **kw)
+        t = statistics.median(_train_steps(model, dev))
+        peak = torch.cuda.max_memory_allocated()
+        row(
+            f"1B train step, budget {label}: speed vs plain fused",
+            f"{t_plain / t:.2f}x",
+            f"{t:.3f} s/step; peak {peak / 1e9:.2f} GB = {peak / budget:.3f} of budget, "
+            f"{peak / peak_plain:.3f} of plain",
+        )
+        nzo.undispatch(model)
+        del model
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prepare", type=Path, help="write real weights and wheels here (on the CPU)")
@@ -322,7 +423,9 @@ def main() -> None:
     check_planes(dev)
     check_ans(dev, args.data)
     time_decode(dev)
+    time_encode(dev)
     dispatch_1b(dev)
+    train_1b(dev)
 
 
 if __name__ == "__main__":

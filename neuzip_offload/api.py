@@ -30,6 +30,7 @@ from . import budget as _budget
 from .codec import compress_many, decompress
 from .compressed import CompressedTensor
 from .config import CodecConfig
+from .kernels import HAS_TRITON
 from .modules import CompressedModule, Piece, kind_of
 from .scheduler.executor import BlockData, Executor
 from .scheduler.plan import BlockSpec, Plan, PlanError, PlanOptions, make_plan
@@ -1029,8 +1030,20 @@ def _config_for(cfg: CodecConfig, k) -> CodecConfig:
     return CodecConfig(mode="lossy", codec=cfg.codec, mantissa_bits=k, block_size=cfg.block_size)
 
 
+def _encode_device(cfg: CodecConfig, nbytes: int) -> torch.device:
+    """Where a batch of ``nbytes`` of weights is encoded: rANS on the GPU (the Triton encoder
+    instead of the host's numpy loop) when one is present with room for the batch and its
+    workspace (~3x), else the host."""
+    if cfg.codec == "ans" and HAS_TRITON and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        if free > 4 * nbytes:
+            return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def _compress(weights, cfg: CodecConfig, bits, pool, progress: bool) -> dict[str, CompressedTensor]:
-    """Every piece, compressed on the host, in batches of one setting (with a progress bar)."""
+    """Every piece, compressed in batches of one setting (with a progress bar); the results live
+    on the host."""
     groups: dict[CodecConfig, list] = {}
     for w in weights:
         c = _config_for(cfg, bits.get(w.key, "default"))
@@ -1052,11 +1065,14 @@ def _compress(weights, cfg: CodecConfig, bits, pool, progress: bool) -> dict[str
                 t = w.param.detach()
                 if len(w.pieces) > 1:
                     t = t.narrow(w.kind.split_dim, a, b - a)
-                batch.append((key, t.cpu()))
+                batch.append((key, t))
                 n += t.numel()
-            cts = compress_many([t for _, t in batch], c, names=[k for k, _ in batch], pool=pool)
+            dev = _encode_device(c, sum(t.numel() * t.element_size() for _, t in batch))
+            tensors = [t.to(dev) for _, t in batch]
+            cts = compress_many(tensors, c, names=[k for k, _ in batch], pool=pool)
+            del tensors
             for (key, t), ct in zip(batch, cts, strict=True):
-                out[key] = ct
+                out[key] = ct.cpu()
                 bar.update(t.numel())
     bar.close()
     return out

@@ -33,6 +33,7 @@ from torch import nn
 from .codec import compress
 from .compressed import CompressedTensor
 from .config import CodecConfig
+from .kernels import HAS_TRITON
 from .optim import FusedOptimizer
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,10 @@ def _return_freed_memory() -> None:
 
 
 def reencode(weight: torch.Tensor, like: CompressedTensor) -> CompressedTensor:
-    """The updated weight compressed as ``like`` was (fresh tables), on the host."""
+    """The updated weight compressed as ``like`` was (fresh tables), returned on the host.
+
+    A CUDA weight is encoded on the GPU (the Triton rANS encoder) when its codec is ans; only the
+    compressed bytes cross to the host. Otherwise the host encoders run."""
     h = like.header
     cfg = CodecConfig(
         mode="lossless",
@@ -240,4 +244,7 @@ def reencode(weight: torch.Tensor, like: CompressedTensor) -> CompressedTensor:
         lanes=h.lanes,
         prob_bits=h.prob_bits,
     )
-    return compress(weight.detach().reshape(like.shape).cpu(), config=cfg, name=like.name)
+    w = weight.detach().reshape(like.shape)
+    if not (h.codec == "ans" and w.is_cuda and HAS_TRITON):
+        w = w.cpu()
+    return compress(w, config=cfg, name=like.name).cpu()

@@ -171,6 +171,23 @@ def test_triton_path_decodes_what_the_cpu_path_decodes(mode, dtype):
     assert same_bits(out.cpu(), nzo.decompress(ct.cpu()).reshape(-1))
 
 
+@requires_triton
+@pytest.mark.parametrize("mode", ["lossless", "lossy"])
+def test_device_compression_equals_host_compression(mode, monkeypatch):
+    """Compressing on the GPU (Triton split and rANS encoder; here in the interpreter) gives the
+    host's bytes: the same planes, header and checksum."""
+    from neuzip_offload import codec
+
+    x = (torch.randn(33, 40) * 0.1).to(torch.bfloat16)
+    cfg = CodecConfig(codec="ans", mode=mode, chunk_size=256, prob_bits=10, block_size=64)
+    host = nzo.compress(x, config=cfg)
+    monkeypatch.setattr(codec, "_use_triton", lambda t: True)
+    device = nzo.compress(x.to(TRITON_DEVICE), config=cfg).cpu()
+    assert device.header == host.header
+    for k, plane in host.planes.items():
+        assert torch.equal(plane, device.planes[k]), k
+
+
 # ------------------------------------------------------------------------------------------
 # bad input: clear errors that name the argument
 # ------------------------------------------------------------------------------------------
