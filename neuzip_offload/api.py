@@ -224,7 +224,9 @@ class Dispatched:
         if key in self.dirty:  # trained while resident decoded: encode the current values
             from .training import reencode
 
-            self.compressed[key] = reencode(self.executor.weight(key), self.compressed[key])
+            self.compressed[key] = reencode(
+                self.executor.weight(key), self.compressed[key], self.pool
+            )
             self.dirty.discard(key)
         ct = self.compressed[key]
         if key not in self.locations:

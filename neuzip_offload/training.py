@@ -30,7 +30,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .codec import compress
+from .codec import compress_many
 from .compressed import CompressedTensor
 from .config import CodecConfig
 from .kernels import HAS_TRITON
@@ -190,7 +190,7 @@ class Trainer:
                 self.handle.dirty.add(key)  # the decoded tensor is the truth; encode on save
             else:
                 old = self.handle.compressed[key]
-                ct = reencode(weight, old)
+                ct = reencode(weight, old, self.handle.pool)
                 self.handle.compressed[key] = ct
                 ex.replace(key, ct)
         finally:
@@ -231,7 +231,7 @@ def _return_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def reencode(weight: torch.Tensor, like: CompressedTensor) -> CompressedTensor:
+def reencode(weight: torch.Tensor, like: CompressedTensor, pool=None) -> CompressedTensor:
     """The updated weight compressed as ``like`` was (fresh tables), returned on the host.
 
     A CUDA weight is encoded on the GPU (the Triton rANS encoder) when its codec is ans; only the
@@ -247,4 +247,4 @@ def reencode(weight: torch.Tensor, like: CompressedTensor) -> CompressedTensor:
     w = weight.detach().reshape(like.shape)
     if not (h.codec == "ans" and w.is_cuda and HAS_TRITON):
         w = w.cpu()
-    return compress(w, config=cfg, name=like.name).cpu()
+    return compress_many([w], cfg, names=[like.name], pool=pool)[0].cpu()
