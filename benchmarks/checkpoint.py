@@ -29,23 +29,6 @@ import neuzip_offload as nzo
 from neuzip_offload import bundled, evaluate
 from neuzip_offload.checkpoint import Checkpoint
 
-LLAMA3_70B = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 8192,
-    "intermediate_size": 28672,
-    "num_hidden_layers": 80,
-    "num_attention_heads": 64,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-05,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "hidden_act": "silu",
-}
-
 
 def step_seconds(model, prompt: torch.Tensor, tokens: int) -> list[float]:
     import inspect
@@ -130,7 +113,7 @@ def main() -> None:
         print(f"disk / host: {results['disk'] / results['host']:.3f} (goal <= 1.3)")
 
         (work / "l70").mkdir()
-        (work / "l70" / "config.json").write_text(json.dumps(LLAMA3_70B))
+        (work / "l70" / "config.json").write_text(json.dumps(bundled.LLAMA3_70B_CONFIG))
         from neuzip_offload.api import _model_from_config
 
         t = time.perf_counter()

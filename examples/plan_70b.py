@@ -18,24 +18,8 @@ from pathlib import Path
 import torch
 
 import neuzip_offload as nzo
+from neuzip_offload import bundled
 from neuzip_offload.api import _model_from_config
-
-LLAMA3_70B = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 8192,
-    "intermediate_size": 28672,
-    "num_hidden_layers": 80,
-    "num_attention_heads": 64,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-05,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "hidden_act": "silu",
-}
 
 
 def main() -> None:
@@ -46,7 +30,7 @@ def main() -> None:
     ap.add_argument("--disk-gbps", type=float, default=3.0)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(LLAMA3_70B))
+        (Path(tmp) / "config.json").write_text(json.dumps(bundled.LLAMA3_70B_CONFIG))
         t = time.perf_counter()
         model = _model_from_config(Path(tmp), torch.bfloat16)
         for label, kw in (

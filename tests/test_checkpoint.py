@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 import neuzip_offload as nzo
+from neuzip_offload import bundled
 from neuzip_offload.checkpoint import INDEX_NAME, PROGRESS_NAME, Checkpoint, CheckpointError
 from neuzip_offload.cli import main as cli
 from neuzip_offload.scheduler.plan import DISK
@@ -280,26 +281,9 @@ def test_conversion_memory_stays_near_one_shard(tmp_path):
 # the 70B plan from a config, and the command line
 # ------------------------------------------------------------------------------------------
 
-LLAMA3_70B = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 8192,
-    "intermediate_size": 28672,
-    "num_hidden_layers": 80,
-    "num_attention_heads": 64,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-05,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "hidden_act": "silu",
-}
-
 
 def test_the_70b_plan_from_a_config_is_quick_and_allocates_nothing(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_70B))
+    (tmp_path / "config.json").write_text(json.dumps(bundled.LLAMA3_70B_CONFIG))
     code = textwrap.dedent(f"""
         import time, psutil, torch, transformers, accelerate, neuzip_offload as nzo
         from neuzip_offload.api import _model_from_config
@@ -335,7 +319,7 @@ def test_cli_compress_inspect_plan(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "as stored" in text and "lower bound" in text
     (tmp_path / "cfg").mkdir()
-    (tmp_path / "cfg" / "config.json").write_text(json.dumps(LLAMA3_70B))
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps(bundled.LLAMA3_70B_CONFIG))
     assert (
         cli(
             [
