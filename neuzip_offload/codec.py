@@ -122,10 +122,12 @@ def _compress_many(
         c = cfgs[i]
         by_settings.setdefault((c.resolved_chunk_size, c.lanes, c.prob_bits), []).append(i)
     for (chunk, lanes, pb), idx in by_settings.items():
-        on_gpu = [i for i in idx if _use_triton(parts[i][0])]  # encoded where they are
-        for i in on_gpu:
-            streams[i] = ans.encode_triton(parts[i][0], chunk, lanes, pb)
-        rest = [i for i in idx if i not in set(on_gpu)]
+        rest = []
+        for i in idx:  # encoded where they are: on the GPU by the Triton encoder
+            if _use_triton(parts[i][0]):
+                streams[i] = ans.encode_triton(parts[i][0], chunk, lanes, pb)
+            else:
+                rest.append(i)
         encoded = ans.encode_many([parts[i][0].cpu() for i in rest], chunk, lanes, pb)
         streams.update(zip(rest, encoded, strict=True))
     out = []

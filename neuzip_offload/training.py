@@ -98,7 +98,7 @@ class Trainer:
         self.clip_grad_norm = clip_grad_norm
         self.clip_mode = clip_mode
         self.grad_norm: float | None = None  # global norm of the last applied step
-        self._sq = 0.0
+        self._sq: torch.Tensor | None = None  # this backward's sum of squares, on the device
         self._uses: dict[str, int] = {}
         self._partial: dict[str, torch.Tensor] = {}
         self._accum: dict[str, torch.Tensor] = {}
@@ -156,26 +156,26 @@ class Trainer:
             if self._micro[key] % n:
                 return
             grad = self._accum.pop(key).to(device=grad.device, dtype=grad.dtype)
-        self._sq += _square_norm(grad)
-        grad = self._clip(grad)
-        apply(key, grad)
+        sq = _square_norm(grad)  # stays on the device: no synchronization per tensor
+        self._sq = sq if self._sq is None else self._sq + sq
+        apply(key, self._clip(grad, sq))
 
-    def _clip(self, grad: torch.Tensor) -> torch.Tensor:
+    def _clip(self, grad: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
         if self.clip_grad_norm is None:
             return grad
-        if self.clip_mode == "tensor":
-            norm = math.sqrt(_square_norm(grad))
-        else:
-            norm = self.grad_norm if self.grad_norm is not None else 0.0
+        if self.clip_mode == "tensor":  # min(1, max / norm) on the device; x 1.0 changes no bit
+            scale = (self.clip_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+            return grad * scale
+        norm = self.grad_norm if self.grad_norm is not None else 0.0
         if norm > self.clip_grad_norm:
             return grad * (self.clip_grad_norm / (norm + 1e-6))
         return grad
 
     def _end_backward(self) -> None:
-        if self._sq:
-            self.grad_norm = math.sqrt(self._sq)
+        if self._sq is not None:  # an update was applied: one synchronization per step
+            self.grad_norm = math.sqrt(float(self._sq))
             self.steps += 1
-        self._sq = 0.0
+        self._sq = None
         _return_freed_memory()
 
     # -- the update of a compressed weight -------------------------------------------------------
@@ -200,14 +200,13 @@ class Trainer:
 _NORM_PIECE = 1 << 20
 
 
-def _square_norm(grad: torch.Tensor) -> float:
-    """Sum of squares in fp32, a piece at a time (an fp32 copy of a whole embedding's gradient
-    would be the largest allocation of the step)."""
-    flat = grad.reshape(-1)
-    total = 0.0
-    for piece in flat.split(_NORM_PIECE):
+def _square_norm(grad: torch.Tensor) -> torch.Tensor:
+    """Sum of squares in fp32 (a 0-dim tensor on the gradient's device), a piece at a time: an
+    fp32 copy of a whole embedding's gradient would be the largest allocation of the step."""
+    total = torch.zeros((), dtype=torch.float32, device=grad.device)
+    for piece in grad.reshape(-1).split(_NORM_PIECE):
         p32 = piece.float()
-        total += float(torch.dot(p32, p32))
+        total += torch.dot(p32, p32)
     return total
 
 
