@@ -26,7 +26,7 @@ import torch
 
 import neuzip_offload as nzo
 from neuzip_offload import bundled, evaluate
-from neuzip_offload.scheduler.plan import DEVICE
+from neuzip_offload.scheduler.plan import DEVICE, DEVICE_COMPRESSED
 
 
 def cache_keyword(model) -> str:
@@ -56,14 +56,15 @@ def codec_seconds(model) -> float:
     """The codec alone: decode what one forward decodes, into preallocated buffers."""
     ex = model.neuzip.executor
     blocks = [b for b in ex._blocks if b.tier != DEVICE]
-    outs = [[torch.empty(ct.numel, dtype=ct.dtype) for ct in b.host_cts] for b in blocks]
+    cts = [b.dev_cts if b.tier == DEVICE_COMPRESSED else b.cts for b in blocks]
+    outs = [[torch.empty(ct.numel, dtype=ct.dtype) for ct in c] for c in cts]
     uses = {i: ex.order.count(b.index) for i, b in enumerate(blocks)}
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
 
         def once():
-            for i, b in enumerate(blocks):
+            for i in range(len(blocks)):
                 for _ in range(uses[i]):
-                    nzo.decompress_many(b.host_cts, outs[i], pool=pool)
+                    nzo.decompress_many(cts[i], outs[i], pool=pool)
 
         once()
         times = []
