@@ -30,29 +30,6 @@ from neuzip_offload import bundled, evaluate
 from neuzip_offload.checkpoint import Checkpoint
 
 
-def step_seconds(model, prompt: torch.Tensor, tokens: int) -> list[float]:
-    import inspect
-
-    from transformers import DynamicCache
-
-    key = (
-        "cache"
-        if "cache" in inspect.signature(type(model).forward).parameters
-        else ("past_key_values")
-    )
-    cache = DynamicCache()
-    with torch.no_grad():
-        out = model(prompt, use_cache=True, **{key: cache})
-        nxt = out.logits[:, -1:].argmax(-1)
-        times = []
-        for _ in range(tokens):
-            t = time.perf_counter()
-            out = model(nxt, use_cache=True, **{key: cache})
-            nxt = out.logits[:, -1:].argmax(-1)
-            times.append(time.perf_counter() - t)
-    return times
-
-
 def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     work = Path(tempfile.mkdtemp(prefix="nzbench-"))
@@ -91,9 +68,11 @@ def main() -> None:
             model = nzo.load(
                 work / "nzz", max_gpu_mem=int(0.4 * size), max_cpu_mem=host, progress=False
             )
-            step_seconds(model, prompt, 4)  # warm: order recorded, page cache filled
+            evaluate.decode_step_seconds(
+                model, prompt, 4
+            )  # warm: order recorded, page cache filled
             before = model.neuzip.stats
-            times = step_seconds(model, prompt, 16)
+            times = evaluate.decode_step_seconds(model, prompt, 16)
             after = model.neuzip.stats
             steps = after["forwards"] - before["forwards"]
             read = (

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import os
 import statistics
 import subprocess
@@ -241,11 +240,9 @@ def _forward_seconds(model, batch: int, dev: str) -> float:
     """Median time of one decode step (batch x 1 token after a 64-token cache), CUDA events."""
     from transformers import DynamicCache
 
-    key = (
-        "cache"
-        if "cache" in inspect.signature(type(model).forward).parameters
-        else ("past_key_values")
-    )
+    from neuzip_offload.evaluate import cache_keyword
+
+    key = cache_keyword(model)
     ids = torch.randint(0, 32000, (batch, 64), device=dev)
     with torch.no_grad():
         cache = DynamicCache()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import os
 import platform
 import statistics
@@ -27,29 +26,6 @@ import torch
 import neuzip_offload as nzo
 from neuzip_offload import bundled, evaluate
 from neuzip_offload.scheduler.plan import DEVICE, DEVICE_COMPRESSED
-
-
-def cache_keyword(model) -> str:
-    """transformers 5 calls the KV cache argument ``cache``; earlier versions past_key_values."""
-    params = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-@torch.no_grad()
-def per_token_seconds(model, prompt: torch.Tensor, tokens: int) -> list[float]:
-    from transformers import DynamicCache
-
-    key = cache_keyword(model)
-    cache = DynamicCache()
-    out = model(prompt, use_cache=True, **{key: cache})
-    nxt = out.logits[:, -1:].argmax(-1)
-    times = []
-    for _ in range(tokens):
-        t = time.perf_counter()
-        out = model(nxt, use_cache=True, **{key: cache})
-        nxt = out.logits[:, -1:].argmax(-1)
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def codec_seconds(model) -> float:
@@ -92,13 +68,13 @@ def main() -> None:
     )
     rows = []
 
-    plain = per_token_seconds(base, prompt, args.tokens)
+    plain = evaluate.decode_step_seconds(base, prompt, args.tokens)
     rows.append(("plain (fits in RAM)", statistics.median(plain), 0, size))
 
     from accelerate import cpu_offload
 
     acc = cpu_offload(copy.deepcopy(base), execution_device=torch.device("cpu"))
-    t_acc = per_token_seconds(acc, prompt, args.tokens)
+    t_acc = evaluate.decode_step_seconds(acc, prompt, args.tokens)
     biggest = max(
         sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
         for m in base.modules()
@@ -112,9 +88,9 @@ def main() -> None:
         ("ours lossy k=3", {"mode": "lossy", "mantissa_bits": 3}),
     ):
         model = nzo.dispatch(copy.deepcopy(base), max_gpu_mem=budget, progress=False, **kw)
-        per_token_seconds(model, prompt, 2)  # records the order
+        evaluate.decode_step_seconds(model, prompt, 2)  # records the order
         before = model.neuzip.stats
-        times = per_token_seconds(model, prompt, args.tokens)
+        times = evaluate.decode_step_seconds(model, prompt, args.tokens)
         after = model.neuzip.stats
         forwards = after["forwards"] - before["forwards"]
         decoded = (after["decoded_bytes"] - before["decoded_bytes"]) / forwards

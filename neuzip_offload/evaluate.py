@@ -1,9 +1,12 @@
-"""Perplexity, for judging lossy compression: mean next-token NLL over fixed windows of text."""
+"""Measures for judging a dispatched model: perplexity (mean next-token NLL over fixed windows of
+text) and the time of each greedy decode step."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -49,3 +52,27 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 512) -> float:
         total += float(nll)
         count += chunk.numel() - 1
     return math.exp(total / count)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """transformers 5 calls the KV cache argument ``cache``; earlier versions past_key_values."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.no_grad()
+def decode_step_seconds(model: nn.Module, prompt: torch.Tensor, tokens: int) -> list[float]:
+    """Wall seconds of each of ``tokens`` greedy decode steps (KV cache) after ``prompt``."""
+    from transformers import DynamicCache
+
+    key = cache_keyword(model)
+    cache = DynamicCache()
+    out = model(prompt, use_cache=True, **{key: cache})
+    nxt = out.logits[:, -1:].argmax(-1)
+    times = []
+    for _ in range(tokens):
+        t = time.perf_counter()
+        out = model(nxt, use_cache=True, **{key: cache})
+        nxt = out.logits[:, -1:].argmax(-1)
+        times.append(time.perf_counter() - t)
+    return times

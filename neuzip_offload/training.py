@@ -26,6 +26,7 @@ import logging
 import math
 import sys
 from collections.abc import Iterator
+from concurrent.futures import Executor
 
 import torch
 from torch import nn
@@ -230,7 +231,9 @@ def _return_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def reencode(weight: torch.Tensor, like: CompressedTensor, pool=None) -> CompressedTensor:
+def reencode(
+    weight: torch.Tensor, like: CompressedTensor, pool: Executor | None = None
+) -> CompressedTensor:
     """The updated weight compressed as ``like`` was (fresh tables), returned on the host.
 
     A CUDA weight is encoded on the GPU (the Triton rANS encoder) when its codec is ans; only the

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 import neuzip_offload as nzo
+from neuzip_offload import evaluate
 from tests.helpers import model_bytes, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,8 @@ def test_offload_benchmark_measures_a_dispatched_model():
     model = tiny_llama()
     model = nzo.dispatch(model, max_gpu_mem=model_bytes(model) // 2, reserve=0, progress=False)
     prompt = torch.randint(0, 100, (1, 8))
-    times = offload.per_token_seconds(model, prompt, 2)  # records the order codec_seconds replays
+    times = evaluate.decode_step_seconds(
+        model, prompt, 2
+    )  # records the order codec_seconds replays
     assert len(times) == 2 and all(t > 0 for t in times)
     assert offload.codec_seconds(model) > 0
