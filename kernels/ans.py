@@ -457,38 +457,64 @@ if HAS_TRITON:
 
     @triton.jit
     def _table_entry(freq_ptr, k, nbytes, PROB_BITS: tl.constexpr):
-        """Entry k of the packed PROB_BITS-bit table stream (spans at most three bytes)."""
-        pos = k * PROB_BITS
+        """Entry k of the packed PROB_BITS-bit table stream (spans at most three bytes), as int32
+        whatever the type of k (a loop carries what it returns)."""
+        pos = k.to(tl.int64) * PROB_BITS
         byte = pos >> 3
         b0 = tl.load(freq_ptr + byte, mask=byte < nbytes, other=0).to(tl.int32)
         b1 = tl.load(freq_ptr + byte + 1, mask=byte + 1 < nbytes, other=0).to(tl.int32)
         b2 = tl.load(freq_ptr + byte + 2, mask=byte + 2 < nbytes, other=0).to(tl.int32)
-        return ((b0 | (b1 << 8) | (b2 << 16)) >> (pos & 7)) & ((1 << PROB_BITS) - 1)
+        word = b0 | (b1 << 8) | (b2 << 16)
+        return (word >> (pos & 7).to(tl.int32)) & ((1 << PROB_BITS) - 1)
 
     @triton.jit
-    def _lut_kernel(lo_ptr, toff_ptr, freq_ptr, lut_ptr, nbytes, PROB_BITS: tl.constexpr):
-        """Chunk c's slot table: uint32 entries symbol | (f - 1) << 8 | (slot - cum) << 20."""
+    def _lut_kernel(
+        lo_ptr,
+        toff_ptr,
+        freq_ptr,
+        lut_ptr,
+        nbytes,
+        first_chunk,
+        PROB_BITS: tl.constexpr,
+        TILE: tl.constexpr,
+    ):
+        """Chunk c's slot table: uint32 entries symbol | (f - 1) << 8 | (slot - cum) << 20.
+
+        The M slots are walked in tiles of TILE (TILE / (32 * num_warps) registers per vector and
+        thread). Symbols are visited once in all: a tile passes the symbols that end inside it and
+        hands the one that crosses its end (j, starting at slot run) to the next tile. Table
+        entries that are 0 (absent symbols inside [lo, lo + len)) pass without taking a slot.
+        """
         M: tl.constexpr = 1 << PROB_BITS
-        c = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(0).to(tl.int64) + first_chunk
         t0 = tl.load(toff_ptr + c).to(tl.int64)
         nsym = tl.load(toff_ptr + c + 1).to(tl.int64) - t0
-        slots = tl.arange(0, M)
-        idx = tl.zeros((M,), dtype=tl.int32)
-        cum = tl.zeros((M,), dtype=tl.int32)
-        run = 0
-        for j in range(0, nsym):
+        lo = tl.load(lo_ptr + c).to(tl.int32)
+        j = tl.zeros((), dtype=tl.int32)  # the first symbol not yet passed
+        run = tl.zeros((), dtype=tl.int32)  # where symbol j starts: the sum of f before it
+        for t in range(0, M // TILE):
+            slots = t * TILE + tl.arange(0, TILE)
+            last = t * TILE + TILE - 1
+            idx = tl.zeros((TILE,), dtype=tl.int32) + j
+            cum = tl.zeros((TILE,), dtype=tl.int32) + run
             fj = tl.where(nsym == 1, M, _table_entry(freq_ptr, t0 + j, nbytes, PROB_BITS))
-            run += fj
-            past = slots >= run  # slots beyond symbol j belong to a later symbol
-            idx += past.to(tl.int32)
-            cum += tl.where(past, fj, 0)
-        f = _table_entry(freq_ptr, t0 + idx, nbytes, PROB_BITS)
-        f = tl.where(nsym == 1, M, f)
-        sym = tl.load(lo_ptr + c).to(tl.int32) + idx
-        entry = (
-            sym.to(tl.uint32) | ((f - 1).to(tl.uint32) << 8) | ((slots - cum).to(tl.uint32) << 20)
-        )
-        tl.store(lut_ptr + c * M + slots, entry.to(tl.int32, bitcast=True))
+            # frequencies sum to M (validated), so some symbol ends past every tile; j < nsym
+            # only bounds the walk for a damaged table
+            while (run + fj <= last) & (j < nsym):
+                run += fj
+                past = slots >= run  # slots from here on belong to a later symbol
+                idx += past.to(tl.int32)
+                cum += tl.where(past, fj, 0)
+                j += 1
+                fj = _table_entry(freq_ptr, t0 + j, nbytes, PROB_BITS)
+            f = _table_entry(freq_ptr, t0 + idx, nbytes, PROB_BITS)
+            f = tl.where(nsym == 1, M, f)
+            entry = (
+                (lo + idx).to(tl.uint32)
+                | ((f - 1).to(tl.uint32) << 8)
+                | ((slots - cum).to(tl.uint32) << 20)
+            )
+            tl.store(lut_ptr + c * M + slots, entry.to(tl.int32, bitcast=True))
 
     @triton.jit
     def _decode_kernel(
@@ -501,6 +527,7 @@ if HAS_TRITON:
         out_ptr,
         status_ptr,
         n,
+        first_chunk,
         CHUNK: tl.constexpr,
         LANES: tl.constexpr,
         PROB_BITS: tl.constexpr,
@@ -511,7 +538,8 @@ if HAS_TRITON:
         OUT: tl.constexpr,
     ):
         M: tl.constexpr = 1 << PROB_BITS
-        c = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(0).to(tl.int64) + first_chunk
+        n = tl.cast(n, tl.int64)  # element indices c * CHUNK + ... pass 2**31 in large tensors
         lanes = tl.arange(0, LANES)
         x = tl.load(states_ptr + c * LANES + lanes).to(tl.uint32, bitcast=True)
         ptr = tl.load(woff_ptr + c).to(tl.uint32, bitcast=True).to(tl.int64)
@@ -591,6 +619,9 @@ if HAS_TRITON:
         tl.store(state_ptr + c * LANES + lanes, (x - ((x >> 31) << 32)).to(tl.int32))
 
 
+# Slots per tile of the LUT kernel: 4 per thread at 4 warps, so it needs few registers (one
+# vector of all 4096 slots at PROB_BITS=12 used ~255 registers and spilled)
+_LUT_TILE = 512
 _COUNT_ROWS = 64  # chunks per histogram launch of the device encoder (bounds its index buffer)
 
 
@@ -678,32 +709,40 @@ def decode_triton(
     lanes: int = DEFAULT_LANES,
     prob_bits: int = DEFAULT_PROB_BITS,
     workspace: torch.Tensor | None = None,
+    first_chunk: int = 0,
 ) -> torch.Tensor:
     """Decode a (validated) stream straight into ``out`` (1-D). Returns int8 status per chunk.
 
     No host synchronization: the status stays on the device for the caller to check when it
     chooses. ``workspace`` (int32, >= n_chunks * 2**prob_bits) holds the slot tables.
+    ``first_chunk`` > 0 decodes only chunks [first_chunk, n_chunks) (their statuses; the others
+    stay 0): tests use it to reach the indices of very large tensors.
     """
     if not HAS_TRITON:
         raise RuntimeError("Triton is not installed")
     n = out.numel()
     C = n_chunks(n, chunk_size)
     status = torch.zeros(C, dtype=torch.int8, device=out.device)
-    if C == 0:
+    if not 0 <= first_chunk <= C:
+        raise ValueError(f"first_chunk must be in 0..{C}, got {first_chunk}")
+    if first_chunk == C:
         return status
     M = 1 << prob_bits
     if workspace is None:
         workspace = torch.empty(C * M, dtype=torch.int32, device=out.device)
-    _lut_kernel[(C,)](
+    grid = (C - first_chunk,)
+    _lut_kernel[grid](
         stream.table_lo,
         stream.table_offsets(),
         stream.table_freq,
         workspace,
         stream.table_freq.numel(),
+        first_chunk,
         PROB_BITS=prob_bits,
+        TILE=min(M, _LUT_TILE),
         num_warps=4,
     )
-    _decode_kernel[(C,)](
+    _decode_kernel[grid](
         stream.words,
         stream.states,
         stream.word_offsets,
@@ -713,6 +752,7 @@ def decode_triton(
         _planes.out_bits_view(out),
         status,
         n,
+        first_chunk,
         CHUNK=chunk_size,
         LANES=lanes,
         PROB_BITS=prob_bits,
