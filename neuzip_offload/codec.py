@@ -130,7 +130,7 @@ def _compress_many(
                 rest.append(i)
         encoded = ans.encode_many([parts[i][0].cpu() for i in rest], chunk, lanes, pb)
         streams.update(zip(rest, encoded, strict=True))
-    out = []
+    built = []
     bar = tqdm(total=len(tensors), desc="compressing", unit="tensor", disable=not progress)
     for i, (t, c) in enumerate(zip(tensors, cfgs, strict=True)):
         sym, raw, scales = parts[i]
@@ -142,9 +142,22 @@ def _compress_many(
         else:
             exp, offsets = zstd.encode(sym.cpu(), chunk, pool)
             meta, table_len = offsets.view(torch.uint8), 0
-        cpu_planes = {"exp": exp, "meta": meta, "raw": raw.cpu()}
+        # Planes live where the tensor is: the zstd planes (host-coded) move over; raw and scales
+        # are already there (no host copies of device planes).
+        final = {"exp": exp.to(t.device), "meta": meta.to(t.device), "raw": raw}
         if scales is not None:
-            cpu_planes["scales"] = scales.cpu()
+            final["scales"] = scales
+        if t.device.type == "cpu":
+            crc: int | torch.Tensor = fmt.planes_crc(final)
+        else:  # checksummed on the device; the values come back together below
+            crc = fmt.planes_crc_tensor(final)
+        built.append((final, table_len, crc))
+        bar.update(1)
+    bar.close()
+    crcs = _host_values([b[2] for b in built])  # one sync per device for all device CRCs
+    out = []
+    for i, (t, c) in enumerate(zip(tensors, cfgs, strict=True)):
+        final, table_len, _ = built[i]
         lossy = c.mode == "lossy"
         header = Header(
             dtype=t.dtype,
@@ -154,24 +167,29 @@ def _compress_many(
             mantissa_bits=c.mantissa_bits if lossy else 0,
             block_size=c.block_size if (lossy and c.normalize) else 1,
             normalize=lossy and c.normalize,
-            chunk_size=chunk,
+            chunk_size=c.resolved_chunk_size,
             lanes=c.lanes if c.codec == "ans" else ans.DEFAULT_LANES,
             prob_bits=c.prob_bits if c.codec == "ans" else ans.DEFAULT_PROB_BITS,
             table_len=table_len,
-            exp_nbytes=exp.numel(),
-            crc=fmt.planes_crc(cpu_planes),
+            exp_nbytes=final["exp"].numel(),
+            crc=crcs[i],
         )
-        final = {
-            k: (v if t.device.type == "cpu" else v.to(t.device)) for k, v in cpu_planes.items()
-        }
-        if t.device.type != "cpu":
-            final["raw"] = raw
-            if scales is not None:
-                final["scales"] = scales
         out.append(CompressedTensor(header, final, names[i]))
-        bar.update(1)
-    bar.close()
     return out
+
+
+def _host_values(values: Sequence[int | torch.Tensor]) -> list[int]:
+    """Python ints of ints and 0-d tensors: the tensors of each device in one transfer (sync)."""
+    out: list[int | None] = [v if isinstance(v, int) else None for v in values]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(i)
+    for idx in by_device.values():
+        got = torch.stack([values[i] for i in idx]).tolist()
+        for i, g in zip(idx, got, strict=True):
+            out[i] = int(g)
+    return out  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,16 +377,50 @@ def _cpu_stream(ct: CompressedTensor) -> ans.AnsStream:
     )
 
 
+def verify_checksums(cts: Sequence[CompressedTensor]) -> None:
+    """Check every tensor's planes against the CRC-32 in its header.
+
+    Host planes are checksummed with zlib; CUDA planes on their device (kernels/crc.py), with the
+    CRCs of all CUDA tensors brought back together: one host sync per device, which decompress()
+    allows itself (the scheduler's per-block path, decode_into, never calls this).
+    Raises DamagedDataError naming the first tensor whose data fails its checksum.
+    """
+    got = _host_values(
+        [
+            fmt.planes_crc(ct.planes)  # zlib
+            if ct.device.type == "cpu"
+            else fmt.planes_crc_tensor(ct.planes)  # enqueued on the device, no sync yet
+            for ct in cts
+        ]
+    )
+    for ct, crc in zip(cts, got, strict=True):
+        if crc != ct.header.crc:
+            raise _damaged(
+                ct,
+                f"the data fails its checksum (CRC-32 of the planes {crc:#010x}, "
+                f"header {ct.header.crc:#010x})",
+            )
+
+
 def decompress(
-    ct: CompressedTensor, out: torch.Tensor | None = None, *, pool: Executor | None = None
+    ct: CompressedTensor,
+    out: torch.Tensor | None = None,
+    *,
+    pool: Executor | None = None,
+    verify: bool = True,
 ) -> torch.Tensor:
     """Decode ``ct`` to a tensor of its dtype and shape on its device (into ``out`` if given).
 
-    Raises DamagedDataError, naming the tensor, when the data does not decode consistently.
+    ``verify`` first checks the planes against the header's CRC-32 (on the device for CUDA planes,
+    one host sync); pass False where the bytes were checked when read (the scheduler does).
+    Raises DamagedDataError, naming the tensor, when the data fails its checksum or does not
+    decode consistently.
     """
     if not isinstance(ct, CompressedTensor):
         raise TypeError(f"ct must be a CompressedTensor, got {type(ct).__name__}")
     flat = _check_out(ct, out)
+    if verify:
+        verify_checksums([ct])
     status = decode_into(ct, flat, pool=pool)
     if status is not None and not bool(status.all()):  # CUDA: one sync, at the user's request
         bad = int((status == 0).nonzero()[0, 0])
@@ -381,15 +433,23 @@ def decompress_many(
     outs: Sequence[torch.Tensor | None] | None = None,
     *,
     pool: Executor | None = None,
+    verify: bool = True,
 ) -> list[torch.Tensor]:
     """Decode several tensors (into ``outs`` where given).
 
     CPU rANS tensors share vectorized passes (much faster than one by one); zstd frames of all
     tensors decode on ``pool`` (a thread pool made for the call when none is given).
+    ``verify`` first checks every tensor's CRC-32 (see :func:`decompress`; the CUDA tensors' CRCs
+    come back in one sync).
     """
     if outs is not None and len(outs) != len(cts):
         raise ValueError(f"outs has {len(outs)} entries for {len(cts)} tensors")
+    for i, ct in enumerate(cts):
+        if not isinstance(ct, CompressedTensor):
+            raise TypeError(f"cts[{i}] must be a CompressedTensor, got {type(ct).__name__}")
     flat = [_check_out(ct, None if outs is None else outs[i]) for i, ct in enumerate(cts)]
+    if verify:
+        verify_checksums(cts)
     cpu_ans = {i for i, ct in enumerate(cts) if ct.codec == "ans" and ct.device.type == "cpu"}
     batch = [i for i in sorted(cpu_ans) if cts[i].numel]
     if batch:
@@ -407,7 +467,7 @@ def decompress_many(
             _finish_zstd(cts[i], flat[i], frames, symbols, triton_path=False)
         for i, ct in enumerate(cts):
             if i not in cpu_ans and i not in host_zstd:
-                decompress(ct, flat[i], pool=pool)
+                decompress(ct, flat[i], pool=pool, verify=False)  # checked above
     finally:
         if own is not None:
             own.shutdown()

@@ -26,6 +26,7 @@ import torch
 
 from . import backend
 from .kernels import ans, planes, zstd
+from .kernels import crc as crc_kernels
 
 FORMAT_VERSION = 1
 PLANE_NAMES = ("exp", "meta", "raw", "scales")
@@ -41,11 +42,32 @@ class DamagedDataError(ValueError):
 
 
 def planes_crc(planes_: dict[str, torch.Tensor]) -> int:
-    """One CRC-32 over the planes, in PLANE_NAMES order (read from the host)."""
+    """One CRC-32 over the planes, in PLANE_NAMES order (zlib.crc32 chained plane by plane).
+
+    Host planes go through zlib; CUDA planes are checksummed on their device (kernels/crc.py) and
+    only the 32-bit result comes back: one host sync.
+    """
+    if any(p.device.type != "cpu" for p in planes_.values()):
+        return int(planes_crc_tensor(planes_))
     crc = 0
     for k in PLANE_NAMES:
         if k in planes_:
-            crc = zlib.crc32(planes_[k].cpu().contiguous().numpy(), crc)
+            crc = zlib.crc32(planes_[k].contiguous().numpy(), crc)
+    return crc
+
+
+def planes_crc_tensor(
+    planes_: dict[str, torch.Tensor], *, use_triton: bool | None = None
+) -> torch.Tensor:
+    """:func:`planes_crc` as a 0-d int64 tensor on the planes' device, without a host sync
+    (on the CPU it is zlib's value, wrapped). ``use_triton`` forces the device kernel (tests run
+    it on CPU planes under TRITON_INTERPRET=1)."""
+    crc: int | torch.Tensor = 0
+    for k in PLANE_NAMES:
+        if k in planes_:
+            crc = crc_kernels.crc32_tensor(planes_[k], crc, use_triton=use_triton)
+    if isinstance(crc, int):  # no planes at all
+        return torch.zeros((), dtype=torch.int64)
     return crc
 
 

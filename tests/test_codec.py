@@ -236,3 +236,40 @@ def test_out_must_fit():
         nzo.decompress(ct, out=torch.empty(10, dtype=torch.float32))
     with pytest.raises(ValueError, match="contiguous"):
         nzo.decompress(ct, out=torch.empty(10, 2, dtype=torch.bfloat16)[:, 0])
+
+
+# ------------------------------------------------------------------------------------------
+# checksums: decompress() and decompress_many() verify, the scheduler's decode_into does not
+# ------------------------------------------------------------------------------------------
+
+
+def _damage_raw(ct):
+    planes = {k: v.clone() for k, v in ct.planes.items()}
+    planes["raw"][7] ^= 0x01
+    return ct.with_planes(planes)
+
+
+def test_decompress_many_names_the_tensor_that_fails_its_checksum():
+    xs = [(torch.randn(20, 30) * 0.1).to(torch.bfloat16) for _ in range(3)]
+    cts = nzo.compress_many(xs, CodecConfig(codec="ans", chunk_size=256), ["a", "b", "c"])
+    cts += nzo.compress_many(xs[:1], CodecConfig(codec="zstd"), ["z"])
+    for bad in range(4):
+        damaged = list(cts)
+        damaged[bad] = _damage_raw(cts[bad])
+        name = cts[bad].name
+        with pytest.raises(nzo.DamagedDataError, match=f"^{name}: the data fails its checksum"):
+            nzo.decompress_many(damaged)
+        outs = nzo.decompress_many(damaged, verify=False)  # unchecked: decodes, one bit off
+        assert not same_bits(outs[bad], xs[bad % 3])
+    for out, x in zip(nzo.decompress_many(cts), xs + xs[:1], strict=True):
+        assert same_bits(out, x)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_decode_into_does_not_checksum(codec):
+    """The hot path has its own read-time checks: a damaged raw byte is not its business."""
+    x = (torch.randn(20, 30) * 0.1).to(torch.bfloat16)
+    ct = _damage_raw(nzo.compress(x, codec=codec, chunk_size=256))
+    out = torch.empty(x.numel(), dtype=x.dtype)
+    assert decode_into(ct, out) is None
+    assert int((out.view(torch.int16) != x.view(-1).view(torch.int16)).sum()) == 1

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import zlib
 
 import pytest
 import torch
 
 import neuzip_offload as nzo
-from neuzip_offload.compressed import CompressedTensor, DamagedDataError, Header
+from neuzip_offload.compressed import (
+    PLANE_NAMES,
+    CompressedTensor,
+    DamagedDataError,
+    Header,
+    planes_crc,
+    planes_crc_tensor,
+)
 from neuzip_offload.config import CodecConfig
+from neuzip_offload.kernels import HAS_TRITON
 from tests.helpers import same_bits
 
 
@@ -93,7 +102,7 @@ def test_damage_past_the_checksum_is_still_caught_by_the_decoder(codec):
     planes["exp"][10:40] = 0x5A
     damaged = CompressedTensor.from_state(header, planes, "w", verify=False)
     with pytest.raises(DamagedDataError, match="^w: "):
-        nzo.decompress(damaged)
+        nzo.decompress(damaged, verify=False)
 
 
 def test_inconsistent_index_is_reported_before_decoding():
@@ -105,4 +114,69 @@ def test_inconsistent_index_is_reported_before_decoding():
     woff[1] = 10**8  # a word offset past the end of the stream
     damaged = CompressedTensor.from_state(header, dict(planes, meta=meta), "w", verify=False)
     with pytest.raises(DamagedDataError, match="word offsets"):
+        nzo.decompress(damaged, verify=False)
+
+
+# ------------------------------------------------------------------------------------------
+# checksums of in-memory tensors: decompress() checks them
+# ------------------------------------------------------------------------------------------
+
+
+def _flipped(ct: CompressedTensor, plane: str) -> CompressedTensor:
+    planes = {k: v.clone() for k, v in ct.planes.items()}
+    planes[plane][planes[plane].numel() // 2] ^= 0x10
+    return ct.with_planes(planes)
+
+
+@pytest.mark.parametrize("codec", ["ans", "zstd"])
+@pytest.mark.parametrize("plane", ["exp", "meta", "raw", "scales"])
+def test_decompress_refuses_a_flipped_byte_in_any_plane(codec, plane):
+    """No reading from disk involved: the planes of a tensor in memory are damaged."""
+    _, ct = _ct(codec, mode="lossy" if plane == "scales" else "lossless")
+    damaged = _flipped(ct, plane)
+    with pytest.raises(DamagedDataError, match=r"^layers\.0\.q\.weight: .*fails its checksum"):
         nzo.decompress(damaged)
+    with pytest.raises(DamagedDataError, match=r"^layers\.0\.q\.weight: .*fails its checksum"):
+        nzo.decompress_many([ct, damaged])
+
+
+def test_verify_false_skips_the_checksum():
+    """A flipped raw byte decodes without error when unchecked: one weight silently changes.
+    This is what the checksum in decompress() is for."""
+    x, ct = _ct()
+    damaged = _flipped(ct, "raw")
+    unchecked = [nzo.decompress(damaged, verify=False)]
+    unchecked += nzo.decompress_many([damaged], verify=False)
+    for y in unchecked:
+        assert int((y.view(torch.int16) != x.view(torch.int16)).sum()) == 1
+    assert same_bits(nzo.decompress(ct), x)
+
+
+@pytest.mark.parametrize(
+    ("codec", "mode"), [("ans", "lossless"), ("zstd", "lossless"), ("ans", "lossy")]
+)
+def test_planes_crc_is_zlib_chained_over_the_planes(codec, mode):
+    """The header CRC is zlib.crc32 chained over exp, meta, raw, scales (existing checkpoints stay
+    valid); the device kernel (here in the Triton interpreter) computes the same value."""
+    _, ct = _ct(codec, mode)
+    want = 0
+    for k in PLANE_NAMES:
+        if k in ct.planes:
+            want = zlib.crc32(ct.planes[k].numpy().tobytes(), want)
+    assert ct.header.crc == want
+    assert planes_crc(ct.planes) == want
+    assert int(planes_crc_tensor(ct.planes)) == want
+    if HAS_TRITON:
+        assert int(planes_crc_tensor(ct.planes, use_triton=True)) == want
+    assert planes_crc(_flipped(ct, "meta").planes) != want
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["lossless", "lossy"])
+def test_cuda_tensors_are_checksummed_on_the_device(mode):
+    x = (torch.randn(300, 500) * 0.05).to(torch.bfloat16).cuda()
+    ct = nzo.compress(x, mode=mode, name="w")
+    assert planes_crc(ct.cpu().planes) == ct.header.crc  # the device CRC is zlib's
+    nzo.decompress(ct)
+    with pytest.raises(DamagedDataError, match="^w: .*fails its checksum"):
+        nzo.decompress(_flipped(ct, "raw"))
