@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import budget as _budget
+from . import calibrate as _calibrate
+from .calibrate import DecodeRate
 from .codec import compress_many, decompress
 from .compressed import CompressedTensor
 from .config import CodecConfig
@@ -38,8 +40,6 @@ from .scheduler.tiers import PackedLayout, pread_into, slot_layout
 
 log = logging.getLogger(__name__)
 
-CPU_DECODE_GBPS = 1.5  # zstd on 2 cores, merge included (BENCHMARKS.md)
-GPU_DECODE_GBPS = 800.0
 
 
 class DispatchError(ValueError):
@@ -290,6 +290,11 @@ class _Run:
     disk_gbps: float
     progress: bool
     log_events: bool
+    decode_rate: DecodeRate = None  # type: ignore[assignment]  # set in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.decode_rate is None:
+            self.decode_rate = DecodeRate.default(self.dev)
 
 
 def _resolve(
@@ -328,6 +333,11 @@ def _resolve(
     cfg = CodecConfig(
         mode=mode, codec=codec, mantissa_bits=mantissa_bits, block_size=block_size
     ).for_device(dev)
+    if dev.type == "cuda" and cfg.codec == "zstd":
+        raise ValueError(
+            "codec='zstd' decodes on the host, which would stall every block on a GPU; use "
+            "codec='ans' (the default on CUDA), or device='cpu'"
+        )
     host = (
         _budget.parse_size(max_cpu_mem, "max_cpu_mem")
         if max_cpu_mem is not None
@@ -407,6 +417,7 @@ def dispatch(
     offload_dir: str | os.PathLike | None = None,
     pcie_gbps: float = 25.0,
     disk_gbps: float = 3.0,
+    decode_gbps: float | None = None,
     max_block_bytes: int | str | None = None,
     granularity: str = "auto",
     trainable: bool = False,
@@ -430,6 +441,8 @@ def dispatch(
         compressing while loading (one shard in memory at a time); with ``offload_dir`` the
         compressed checkpoint is written there first (see neuzip_offload.load) so that blocks
         the host cannot hold stay on disk.
+    decode_gbps: the device's decode rate for the planner (default: measured on CUDA at
+        dispatch by timing the largest block, cached per device and settings).
     max_block_bytes: weights outside the layers larger than this are cut into pieces
         (default: the largest block's size).
     granularity: blocks are whole layers ("layer"), their parts ("module": attention, MLP) or
@@ -476,6 +489,8 @@ def dispatch(
         progress,
         log_events,
     )
+    if decode_gbps is not None:
+        run.decode_rate = DecodeRate.given(decode_gbps)
     if checkpoint is not None:
         if target_bits is not None:
             raise ValueError("target_bits needs the weights in memory: load them, then dispatch")
@@ -501,6 +516,7 @@ def dispatch(
                 reserve=reserve,
                 pcie_gbps=pcie_gbps,
                 disk_gbps=disk_gbps,
+                decode_gbps=decode_gbps,
                 progress=progress,
                 log_events=log_events,
             )
@@ -511,15 +527,16 @@ def dispatch(
     weights, roots = _granular(
         model, run, max_block_bytes, granularity, bits, on_disk=False, trainable=trainable
     )
+    _refuse_hopeless(model, run, weights, roots, dtype, trainable)
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
     bits: dict[str, int | None] = {}  # k per tensor, when target_bits chose them
     if checkpoint is not None:
         compressed = _compress_from_files(model, weights, checkpoint, run.cfg, pool, progress)
     elif target_bits is None:
-        compressed = _compress(weights, run.cfg, bits, pool, progress)
+        compressed = _compress(weights, run.cfg, bits, pool, progress, _gpu_budget(run))
     else:
         bits, compressed = _compress_to_target(
-            model, weights, run.cfg, target_bits, calibration, pool, progress
+            model, weights, run.cfg, target_bits, calibration, pool, progress, _gpu_budget(run)
         )
     training = None
     if trainable:
@@ -563,9 +580,17 @@ def _estimated_specs(weights, roots, dev, bits: float, on_disk: bool) -> list[Bl
         largest = max(n for n, _ in members)
         chunks = (largest + (1 << 16) - 1) >> 16
         ws = 4 * (chunks << 12) if dev.type == "cuda" else largest
+        setup = int(largest * bits / 8) + 1024
         specs.append(
             BlockSpec(
-                name, sum(n for n, _ in members), decoded, compressed, ws, uses, on_disk=on_disk
+                name,
+                sum(n for n, _ in members),
+                decoded,
+                compressed,
+                ws,
+                uses,
+                on_disk=on_disk,
+                setup_bytes=setup,
             )
         )
     return specs
@@ -594,8 +619,24 @@ def _granular(
     return weights, roots
 
 
-def _plan_options(model, run: _Run, resident: int, disk: bool) -> PlanOptions:
+def _training_scratch(weights, dev: torch.device) -> int:
+    """Device bytes re-encoding the largest trained piece holds (the GPU encoder), else 0."""
+    if dev.type != "cuda":
+        return 0
+    largest = [
+        (w.shape.numel() * (b - a) // max(w.shape[w.kind.split_dim], 1), w.dtype.itemsize)
+        for w in weights
+        if w.requires_grad
+        for _, a, b in (w.pieces or [(w.key, 0, w.shape[w.kind.split_dim])])
+    ]
+    return max((_budget.device_encode_bytes(n, s) for n, s in largest), default=0)
+
+
+def _plan_options(
+    model, run: _Run, resident: int, disk: bool, weights=None, trainable: bool = False
+) -> PlanOptions:
     dev = run.dev
+    rate = run.decode_rate
     return PlanOptions(
         device_bytes=run.device_bytes,
         host_bytes=run.host_bytes,
@@ -604,16 +645,47 @@ def _plan_options(model, run: _Run, resident: int, disk: bool) -> PlanOptions:
         prefetch=run.prefetch,
         copies=dev.type == "cuda",
         pcie_gbps=run.pcie_gbps,
-        decode_gbps=GPU_DECODE_GBPS if dev.type == "cuda" else CPU_DECODE_GBPS,
+        decode_gbps=rate.gbps,
+        decode_source=rate.describe(dev),
         device=str(dev),
         disk=disk,
         disk_gbps=run.disk_gbps,
+        # re-encoded weights change size: no packed device copies; their encoder's scratch
+        device_compressed=not trainable,
+        scratch_bytes=_training_scratch(weights, dev) if trainable else 0,
     )
 
 
-def _estimated_plan(model, run: _Run, weights, roots, bits: float, on_disk: bool) -> Plan:
+def _estimated_plan(
+    model, run: _Run, weights, roots, bits: float, on_disk: bool, trainable: bool = False
+) -> Plan:
     specs = _estimated_specs(weights, roots, run.dev, bits, on_disk)
-    return make_plan(specs, _plan_options(model, run, _resident_bytes(model, weights), on_disk))
+    resident = _resident_bytes(model, weights)
+    return make_plan(specs, _plan_options(model, run, resident, on_disk, weights, trainable))
+
+
+def _refuse_hopeless(model, run: _Run, weights, roots, dtype, trainable: bool) -> None:
+    """Raise PlanError before anything is compressed when no placement can fit: the plan is made
+    with compressed sizes at their floor (the raw bits alone, exponents coded in 0 bits), so a
+    budget refused here is refused by every real plan too. The error's minimum_device_bytes is
+    then that of sizes at their ceiling (exponents stored whole): a budget that surely fits."""
+    cfg = run.cfg
+    raw = 1 + cfg.mantissa_bits if cfg.mode == "lossy" else 8 * dtype.itemsize - 8
+    try:
+        _estimated_plan(model, run, weights, roots, raw, False, trainable)
+    except PlanError as e:
+        if e.minimum_device_bytes is None:  # the host budget: nothing better to say
+            raise
+        try:
+            _estimated_plan(model, run, weights, roots, 1.05 * (raw + 9), False, trainable)
+            enough = run.device_bytes
+        except PlanError as ceiling:
+            enough = ceiling.minimum_device_bytes or e.minimum_device_bytes
+        raise PlanError(
+            f"{e} (refused before compressing: max_gpu_mem={enough} bytes fits whatever the "
+            "weights compress to)",
+            minimum_device_bytes=enough,
+        ) from None
 
 
 def plan_model(
@@ -633,6 +705,7 @@ def plan_model(
     disk: bool = True,
     granularity: str = "auto",
     max_block_bytes: int | str | None = None,
+    decode_gbps: float | None = None,
 ) -> Plan:
     """The plan ``dispatch``/``load`` would make, without compressing or allocating anything.
 
@@ -666,6 +739,8 @@ def plan_model(
         False,
         False,
     )
+    if decode_gbps is not None:
+        run.decode_rate = DecodeRate.given(decode_gbps)
     _tie(model)
     sample = next(iter(_weights(model).values()), None)
     if sample is None:
@@ -684,16 +759,24 @@ def _finish(
         w.param = None  # the compressed copies are the truth now
     blocks, specs = _blocks(weights, compressed, locations, run.dev)
     dev = run.dev
-    options = _plan_options(model, run, resident, bool(locations))
-    if training is not None:  # re-encoded weights change size: no packed device copies
-        options = replace(options, device_compressed=False)
     try:
-        plan = make_plan(specs, options)
+        options = _plan_options(model, run, resident, bool(locations), weights, bool(training))
+        plan = make_plan(specs, options)  # fits: so does timing one block (see calibrate.py)
+        if dev.type == "cuda" and run.decode_rate.source == "default":
+            run.decode_rate = _calibrate.measured_rate(blocks, specs, dev, run.cfg)
+            options = _plan_options(model, run, resident, bool(locations), weights, bool(training))
+            plan = make_plan(specs, options)
     except Exception:
         pool.shutdown()
         raise
     log.info("neuzip plan:\n%s", plan)
-    executor = Executor(plan, blocks, dev, pool=pool, log_events=run.log_events)
+    restore = _release_device_originals(weights, compressed)
+    try:
+        executor = Executor(plan, blocks, dev, pool=pool, log_events=run.log_events)
+    except Exception:
+        restore()
+        pool.shutdown()
+        raise
     handle = Dispatched(
         plan,
         executor,
@@ -728,6 +811,27 @@ def _finish(
 
     _return_freed_memory()  # the original weights and the encoder's scratch are gone
     return model
+
+
+def _release_device_originals(weights, compressed) -> Callable[[], None]:
+    """A model passed on the GPU lets go of its original weights before the executor allocates
+    (the compressed copies are the truth now), so originals and runtime never hold device memory
+    together. Returns what puts them back, decoded, if the executor cannot be built."""
+    released = []
+    for w in weights:
+        for _, m in w.users:
+            p = getattr(m, "weight", None)
+            if isinstance(p, torch.Tensor) and p.device.type == "cuda" and p.numel():
+                released.append((p, w))
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+    def restore() -> None:
+        for p, w in released:
+            parts = [decompress(compressed[key]) for key, _, _ in w.pieces]
+            full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=w.kind.split_dim)
+            p.data = full.reshape(w.shape).to(p.device)
+
+    return restore
 
 
 # ---------------------------------------------------------------------------------------------
@@ -834,6 +938,7 @@ def load(
     reserve: int | str | None = "auto",
     pcie_gbps: float = 25.0,
     disk_gbps: float = 3.0,
+    decode_gbps: float | None = None,
     granularity: str = "auto",
     verify: bool = True,
     progress: bool = True,
@@ -872,6 +977,14 @@ def load(
         progress,
         log_events,
     )
+    if decode_gbps is not None:
+        run.decode_rate = DecodeRate.given(decode_gbps)
+    if run.dev.type == "cuda" and ck.settings.get("codec") == "zstd":
+        raise DispatchError(
+            f"{ck.path} is coded with zstd, a host codec: on a GPU every block would be decoded "
+            "on the host. Convert it for the GPU with `neuzip-offload compress --codec ans`, or "
+            "load it with device='cpu'"
+        )
     if run.dev.type == "cpu" and ck.settings.get("codec") == "ans":
         log.warning(
             "%s is coded with ans, which the CPU decodes at ~0.1 GB/s; for CPU inference convert "
@@ -904,7 +1017,9 @@ def load(
         else:  # stored plain, or in pieces this module cannot use: decode and compress again
             w.param = _read_entry(ck, entry)
             _cut_pieces([w], max(_layer_sizes(weights).values(), default=0))
-            compressed.update(_compress([w], run.cfg, {}, pool, progress=False))
+            compressed.update(
+                _compress([w], run.cfg, {}, pool, progress=False, device_budget=_gpu_budget(run))
+            )
     _unify_blocks(weights, compressed, locations, ck)
     weight_names = _weight_names(weights)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -931,7 +1046,10 @@ def _read_entry(ck, entry) -> torch.Tensor:
     """A tensor of the checkpoint, decoded (pieces joined)."""
     if entry.kind == "plain":
         return ck.read_plain(entry.name)
-    parts = [decompress(ck.read_compressed(p, shard)) for p, shard, _, _ in entry.pieces]
+    # read_compressed checked each checksum already
+    parts = [
+        decompress(ck.read_compressed(p, shard), verify=False) for p, shard, _, _ in entry.pieces
+    ]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -1032,20 +1150,28 @@ def _config_for(cfg: CodecConfig, k) -> CodecConfig:
     return CodecConfig(mode="lossy", codec=cfg.codec, mantissa_bits=k, block_size=cfg.block_size)
 
 
-def _encode_device(cfg: CodecConfig, nbytes: int) -> torch.device:
-    """Where a batch of ``nbytes`` of weights is encoded: rANS on the GPU (the Triton encoder
-    instead of the host's numpy loop) when one is present with room for the batch and its
-    workspace (~3x), else the host."""
-    if cfg.codec == "ans" and HAS_TRITON and torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
-        if free > 4 * nbytes:
-            return torch.device("cuda")
-    return torch.device("cpu")
+def _gpu_budget(run: _Run) -> int | None:
+    """The device budget that compression on the GPU must respect (None: encode on the host)."""
+    return run.device_bytes if run.dev.type == "cuda" else None
 
 
-def _compress(weights, cfg: CodecConfig, bits, pool, progress: bool) -> dict[str, CompressedTensor]:
+def _encode_on_device(cfg: CodecConfig, numel: int, itemsize: int, budget: int | None) -> bool:
+    """Whether ``numel`` weights are encoded on the GPU (the Triton encoder instead of the
+    host's numpy loop): rANS, a GPU present, and the encoder's scratch inside the device budget
+    beside what this process already holds there."""
+    if budget is None or cfg.codec != "ans" or not (HAS_TRITON and torch.cuda.is_available()):
+        return False
+    held = torch.cuda.memory_allocated()
+    return held + _budget.device_encode_bytes(numel, itemsize) <= budget
+
+
+def _compress(
+    weights, cfg: CodecConfig, bits, pool, progress: bool, device_budget: int | None = None
+) -> dict[str, CompressedTensor]:
     """Every piece, compressed in batches of one setting (with a progress bar); the results live
-    on the host."""
+    on the host. With ``device_budget`` (bytes), batches whose encoder scratch fits beside what
+    the process holds on the GPU are encoded there; the others, and pieces too large for it
+    alone, on the host."""
     groups: dict[CodecConfig, list] = {}
     for w in weights:
         c = _config_for(cfg, bits.get(w.key, "default"))
@@ -1061,15 +1187,24 @@ def _compress(weights, cfg: CodecConfig, bits, pool, progress: bool) -> dict[str
     batch_limit = 1 << 26  # weights per call: bounds the encoder's temporaries
     for c, jobs in groups.items():
         while jobs:
-            batch, n = [], 0
+            batch, n, on_gpu = [], 0, False
             while jobs and (not batch or n < batch_limit):
-                w, key, a, b = jobs.pop(0)
+                w, key, a, b = jobs[0]
                 t = w.param.detach()
                 if len(w.pieces) > 1:
                     t = t.narrow(w.kind.split_dim, a, b - a)
+                # a GPU batch grows while its scratch fits; a host batch ends at a piece that
+                # fits the GPU on its own
+                fits = _encode_on_device(
+                    c, t.numel() + (n if on_gpu else 0), t.element_size(), device_budget
+                )
+                if batch and fits != on_gpu:
+                    break
+                jobs.pop(0)
                 batch.append((key, t))
                 n += t.numel()
-            dev = _encode_device(c, sum(t.numel() * t.element_size() for _, t in batch))
+                on_gpu = fits
+            dev = torch.device("cuda") if on_gpu else torch.device("cpu")
             tensors = [t.to(dev) for _, t in batch]
             cts = compress_many(tensors, c, names=[k for k, _ in batch], pool=pool)
             del tensors
@@ -1080,7 +1215,9 @@ def _compress(weights, cfg: CodecConfig, bits, pool, progress: bool) -> dict[str
     return out
 
 
-def _compress_to_target(model, weights, cfg, target_bits, calibration, pool, progress):
+def _compress_to_target(
+    model, weights, cfg, target_bits, calibration, pool, progress, device_budget=None
+):
     """Mixed k per tensor (neuzip_offload/mixed.py), checked against the real compressed size."""
     from .mixed import MixedPrecision
 
@@ -1090,7 +1227,7 @@ def _compress_to_target(model, weights, cfg, target_bits, calibration, pool, pro
     total = sum(w.shape.numel() for w in weights)
     target = target_bits
     bits = mp.allocate(target)
-    compressed = _compress(weights, cfg, bits, pool, progress)
+    compressed = _compress(weights, cfg, bits, pool, progress, device_budget)
     for _ in range(4):
         actual = 8 * sum(ct.nbytes for ct in compressed.values()) / total
         if actual <= target_bits:
@@ -1099,7 +1236,7 @@ def _compress_to_target(model, weights, cfg, target_bits, calibration, pool, pro
         new = mp.allocate(target)
         changed = [w for w in weights if new[w.key] != bits[w.key]]
         bits = new
-        compressed.update(_compress(changed, cfg, bits, pool, progress=False))
+        compressed.update(_compress(changed, cfg, bits, pool, False, device_budget))
     return bits, compressed
 
 
@@ -1132,6 +1269,9 @@ def _blocks(
         else:  # the zstd symbol buffer
             ws = max((ct.numel for ct in cts if ct.codec == "zstd"), default=0)
         nbytes = PackedLayout.of(cts).nbytes + sum(ct.header_nbytes for ct in cts)
+        # made resident decoded, its tensors visit the device compressed one at a time (where
+        # blocks are copied: the plan counts it only then)
+        setup = max((ct.nbytes for ct in cts), default=0)
         on_disk = all(k in locations for k in keys)
         data.append(BlockData(name, keys, cts, [locations[k] for k in keys] if on_disk else None))
         specs.append(
@@ -1144,6 +1284,7 @@ def _blocks(
                 uses,
                 stored_bytes=sum(ct.nbytes for ct in cts),
                 on_disk=on_disk,
+                setup_bytes=setup,
             )
         )
     return data, specs

@@ -67,3 +67,19 @@ def host_available() -> int:
     """Host bytes a plan may use by default: available memory less 10% (at least 1 GiB)."""
     avail = psutil.virtual_memory().available
     return max(0, avail - max(int(avail * HOST_HEADROOM), HOST_HEADROOM_MIN))
+
+
+# What transient work costs on the device, per weight, for plans and for the encoder's batches.
+# Encoding n weights of itemsize s on the device holds at most: the weights (s n), the symbol
+# and raw planes (~s n), the encoder's word history (2 n, int16) and emission flags (n), the
+# indices of emitted words (8 bytes per emitted word, ~n/6 words) and the words (~n/3): about
+# (2 s + 4.7) n; counted as (2 s + 6) n, plus the histogram's index buffers (64 chunks of 2^16
+# symbols, 3 int32 buffers: 48 MiB), rounded up.
+ENCODE_FIXED_BYTES = 64 << 20
+
+
+def device_encode_bytes(numel: int, itemsize: int) -> int:
+    """Device bytes that compressing ``numel`` weights of ``itemsize`` bytes on a GPU may hold."""
+    if numel <= 0:
+        return 0
+    return numel * (2 * itemsize + 6) + ENCODE_FIXED_BYTES

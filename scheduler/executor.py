@@ -35,6 +35,8 @@ from .plan import DEVICE, DEVICE_COMPRESSED, DISK, HOST, Plan
 from .streams import Streams
 from .tiers import (
     Accountant,
+    BudgetExceededError,
+    HostArena,
     PackedLayout,
     PlaneLocation,
     SlotEntry,
@@ -76,6 +78,9 @@ class _Block:
     decoded_bytes: int
     locations: list[dict[str, PlaneLocation]] | None = None
     host_buf: torch.Tensor | None = None
+    host_region: torch.Tensor | None = None  # where host_buf lies (re-encoded blocks may grow)
+    last_copy: object | None = None  # copy-stream event of the last copy out of host_buf
+    pending: list = field(default_factory=list)  # events of copies filling re-encoded planes
     dev_cts: list[CompressedTensor] | None = None
     resident: dict[str, torch.Tensor] | None = None
 
@@ -121,7 +126,6 @@ class Stats:
     misses: int = 0
     decode_seconds: float = 0.0
     peak_held_bytes: int = 0
-    _timings: list = field(default_factory=list, repr=False)
 
     def per_forward(self) -> dict[str, float]:
         f = max(self.forwards, 1)
@@ -160,7 +164,17 @@ class Executor:
         self.stats = Stats()
         self.accountant = Accountant(o.device_bytes - o.reserve_bytes)
         self.accountant.hold("uncompressed parameters", o.resident_bytes)
-        self._statuses: list[torch.Tensor] = []  # device-side decode statuses, read in settle()
+        # Decode damage: bad rANS chunks per block, counted on the device as decodes finish and
+        # read at the end of each forward and backward (one synchronization, none per block).
+        self._damage: torch.Tensor | None = None
+        self._damage_host: torch.Tensor | None = None
+        # (start, end) timing events of device decodes not read yet: drained as they complete,
+        # so the queue holds only decodes in flight
+        self._timings: collections.deque = collections.deque()
+        # Device decoders run tensor by tensor and report damage per chunk (see _decode); the
+        # CPU backend decodes a block's tensors in one batch. (Tests turn the former on under
+        # Triton's interpreter.)
+        self.per_tensor_decode = device.type == "cuda"
         self._blocks: list[_Block] = []
         self._block_of: dict[str, int] = {}
         self._reader: ThreadPoolExecutor | None = None
@@ -199,6 +213,10 @@ class Executor:
 
     def _build(self, blocks: list[BlockData]) -> None:
         plan = self.plan
+        if self.device.type == "cuda":
+            n = len(blocks)
+            self._damage = self._device_alloc("decode status", 4 * n).view(torch.int32).zero_()
+            self._damage_host = backend.empty_pinned(4 * n).view(torch.int32)
         self._slots = [
             _Slot(self._device_alloc("slots", plan.slot_bytes)) for _ in range(plan.n_slots)
         ]
@@ -212,9 +230,22 @@ class Executor:
             if plan.workspace_bytes
             else None
         )
+        # pinned host memory, exactly what the plan counts: the host tier and the disk reader's
+        # staging (plus 1/64 of each host block for re-encoded growth when training)
+        grow = 0 if plan.options.device_compressed else 64
+        hosted = [
+            PackedLayout.of(d.cts).nbytes
+            for d, t in zip(blocks, plan.tiers, strict=True)
+            if t == HOST and (self.copies or d.locations is not None)
+        ]
+        regions = [n + (n // grow if grow else 0) for n in hosted]
+        self._arena = HostArena(
+            HostArena.size(regions + [plan.disk_staging_bytes] * plan.n_disk_staging),
+            pinned=self.device.type == "cuda",
+        )
         if plan.n_disk_staging:
             self._reads = [
-                _Read(backend.empty_pinned(plan.disk_staging_bytes))
+                _Read(self._arena.take(plan.disk_staging_bytes))
                 for _ in range(plan.n_disk_staging)
             ]
             self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuzip-disk")
@@ -246,11 +277,16 @@ class Executor:
                 self.accountant.hold("resident compressed", layout.nbytes)
                 _, b.dev_cts = self._host_copy(data, layout, backend.empty_pinned)
             elif tier == HOST and (self.copies or data.locations is not None):
-                b.host_buf, b.cts = self._host_copy(data, layout, backend.empty_pinned)
+                spare = layout.nbytes // grow if grow else 0
+                b.host_region = self._arena.take(layout.nbytes + spare)
+                b.host_buf, b.cts = self._host_copy(
+                    data, layout, lambda n, r=b.host_region: r[:n]
+                )
             # (HOST on the CPU backend: the tensors as they are — nothing is copied from them)
             self._blocks.append(b)
         if self.copies:
             self.streams.compute().synchronize()  # the setup copies are done
+        self._check_damage()  # resident blocks decoded at setup
 
     def _decode_resident(self, data: BlockData, layout: PackedLayout) -> dict[str, torch.Tensor]:
         cts = data.cts
@@ -265,9 +301,9 @@ class Executor:
                 # reserve for activations is still unused.
                 limit = self.plan.options.device_bytes
                 with self.accountant.transient("setup copy", ct.nbytes, limit):
-                    self._decode(ct.to(self.device), t)
+                    self._decode(ct.to(self.device), t, len(self._blocks))
             else:
-                self._decode(ct, t)
+                self._decode(ct, t, len(self._blocks))
             out[k] = t.view(ct.shape)
         return out
 
@@ -294,6 +330,7 @@ class Executor:
     def end_forward(self) -> None:
         self.stats.forwards += 1
         self._end("forward")
+        self._check_damage()
 
     def backward_weight(self, key: str) -> torch.Tensor:
         """A weight for backward (the graph kept only a marker): its block is entered, earlier
@@ -321,20 +358,45 @@ class Executor:
         self._phase = "forward"
         for fn in self.on_backward_end:
             fn()
+        self._check_damage()
 
     def is_resident(self, b: int) -> bool:
         return self._blocks[b].tier == DEVICE
 
-    def replace(self, key: str, ct: CompressedTensor) -> None:
-        """A re-encoded tensor (on the host) takes the place of the old one in its block."""
+    def replace(self, key: str, ct: CompressedTensor, ready: object | None = None) -> None:
+        """A re-encoded tensor (on the host) takes the place of the old one in its block.
+
+        ``ready``: an event after which its host planes are complete (a device → host copy in
+        flight); the block's repacking waits for it before reading them."""
         b = self._block_of[key]
         blk = self._blocks[b]
         if blk.tier not in (HOST,):
             raise RuntimeError(f"block {blk.name!r} ({blk.tier}) cannot take re-encoded weights")
         blk.cts[blk.keys.index(key)] = ct
         blk.locations = None
+        if ready is not None:
+            blk.pending.append(ready)
         if self.copies:
             self._dirty.add(b)  # repacked into its pinned buffer before its next copy
+        elif blk.pending:  # read as they are by the next decode: wait for them now
+            self._wait_pending(blk)
+
+    @staticmethod
+    def _wait_pending(blk: _Block) -> None:
+        """Wait for the copies that fill the block's re-encoded host planes (usually done)."""
+        for ev in blk.pending:
+            ev.synchronize()  # returns at once for a finished copy
+        blk.pending.clear()
+
+    def scratch(self, purpose: str, nbytes: int):
+        """Account device work of ``nbytes`` that lasts a moment (training's re-encoding of a
+        weight) against the plan's scratch bytes: a context manager."""
+        if nbytes > self.plan.options.scratch_bytes:
+            raise BudgetExceededError(
+                f"{purpose}: {nbytes} bytes of scratch, the plan kept "
+                f"{self.plan.options.scratch_bytes} (a planner bug)"
+            )
+        return self.accountant.transient(purpose, nbytes)
 
     def block_index(self, key: str) -> int:
         return self._block_of[key]
@@ -343,6 +405,7 @@ class Executor:
         """Block ``b`` is about to run (``predictable=False``: a data-dependent use, such as an
         embedding lookup, which neither advances nor joins the recorded order)."""
         blk = self._blocks[b]
+        self.streams.entered(blk.name)  # checking mode: host syncs from here count for blk
         if predictable:
             self._advance(b)
         held = self._entered.get(b, 0)
@@ -356,7 +419,7 @@ class Executor:
                 self._fetch(b, s)
             slot = self._slots[s]
             slot.in_use += 1
-            if self.streams.cuda:
+            if self.streams.ordered:
                 self.streams.compute().wait_event(slot.ready)
         self._note("enter", blk.name, self.accountant.total)
         self._prefetch_window()
@@ -369,10 +432,11 @@ class Executor:
             if blk.tier != DEVICE:
                 slot = self._slots[self._slot_of[b]]
                 slot.in_use -= 1
-                if slot.in_use == 0 and self.streams.cuda:
-                    slot.free = self.streams.event()
+                if slot.in_use == 0 and self.streams.ordered:
+                    slot.free = self.streams.event("slot.free")
                     slot.free.record(self.streams.compute())
         self._note("exit", blk.name, self.accountant.total)
+        self.streams.exited(blk.name)
 
     def weight(self, key: str) -> torch.Tensor:
         b = self._block_of[key]
@@ -382,7 +446,9 @@ class Executor:
         if b not in self._entered:
             raise RuntimeError(f"weight {key!r} was asked for outside its block {blk.name!r}")
         slot = self._slots[self._slot_of[b]]
-        return blk.entries[blk.keys.index(key)].view(slot.buf)
+        w = blk.entries[blk.keys.index(key)].view(slot.buf)
+        self.streams.read(w, self.streams.compute(), "slot")  # checking mode: compute reads it
+        return w
 
     # -- order and prefetch ----------------------------------------------------------------------
     def _predicted(self) -> list[int]:
@@ -471,6 +537,7 @@ class Executor:
         def read() -> list[CompressedTensor]:
             if wait is not None:
                 wait.synchronize()  # the last copy out of this buffer has finished
+            self.streams.write(buf, None, "disk-read buffer")  # checking mode: this thread writes
             return read_packed(blk.cts, blk.layout, blk.locations, buf)
 
         r.block, r.future, r.free = b, self._reader.submit(read), None
@@ -486,6 +553,7 @@ class Executor:
             self._start_read(b)
         r = self._reads[self._read_of.pop(b)]
         cts = r.future.result()  # a host wait, for the file read only
+        self.streams.host_joined(r.buf)  # checking mode: the reader's writes come before ours
         r.block, r.future = None, None
         return r.buf[: self._blocks[b].layout.nbytes], cts, r
 
@@ -498,10 +566,15 @@ class Executor:
         r.block, r.future = None, None
 
     # -- I/O -------------------------------------------------------------------------------------
-    def _decode(self, ct: CompressedTensor, out: torch.Tensor) -> None:
+    def _decode(self, ct: CompressedTensor, out: torch.Tensor, b: int) -> None:
+        """Decode into ``out`` on the current stream. A device decode reports per chunk (1 = ok);
+        its bad chunks are added to block ``b``'s damage count there and then, so no status
+        tensor outlives its decode (their memory returns to the allocator on this stream)."""
         status = decode_into(ct, out.view(-1), pool=self.pool, workspace=self._workspace_for(ct))
         if status is not None:
-            self._statuses.append(status)
+            if self._damage is None:  # a device decoder on the CPU (tests force Triton there)
+                self._damage = torch.zeros(len(self.plan.blocks), dtype=torch.int32)
+            self._damage[b].add_((status == 0).sum(dtype=torch.int32))
 
     def _workspace_for(self, ct: CompressedTensor) -> torch.Tensor | None:
         """The decode workspace, if it is large enough (else the decoder makes its own)."""
@@ -537,11 +610,15 @@ class Executor:
             with st.on(st.copy):
                 if stage.free is not None:
                     st.copy.wait_event(stage.free)
+                st.read(host, st.copy, "pinned host block" if read is None else "disk-read buffer")
+                st.write(stage.buf[: blk.layout.nbytes], st.copy, "staging buffer")
                 stage.buf[: blk.layout.nbytes].copy_(host, non_blocking=True)
-                copied = st.event()
+                copied = st.event("copied")
                 copied.record(st.copy)
             if read is not None:
                 read.free = copied  # the reader may refill this host buffer once copied
+            else:
+                blk.last_copy = copied  # _repack overwrites host_buf only after this
             self.stats.copied_bytes += blk.layout.nbytes
             source = bind(host_cts, blk.layout, stage.buf)
             st.decode.wait_event(copied)
@@ -550,29 +627,51 @@ class Executor:
         with st.on(st.decode):
             if slot.free is not None:
                 st.decode.wait_event(slot.free)
+            if stage is not None:
+                st.read(stage.buf[: blk.layout.nbytes], st.decode, "staging buffer")
+            st.write(slot.buf, st.decode, "slot")  # checking mode: the decode writes the slot
             t0 = time.perf_counter()
             start = st.event()
             start.record(st.decode)
-            if st.cuda:
+            if self.per_tensor_decode:
                 for entry, ct in zip(blk.entries, source, strict=True):
-                    self._decode(ct, entry.view(slot.buf))
-            else:  # all frames of the block's tensors go to the pool at once
-                decompress_many(source, [e.view(slot.buf) for e in blk.entries], pool=self.pool)
-            slot.ready = st.event()
+                    self._decode(ct, entry.view(slot.buf), b)
+            else:  # all frames of the block's tensors go to the pool at once; no checksum
+                # here: host and disk blocks were checked when they were made or read
+                outs = [e.view(slot.buf) for e in blk.entries]
+                decompress_many(source, outs, pool=self.pool, verify=False)
+            slot.ready = st.event("slot.ready")
             slot.ready.record(st.decode)
             if stage is not None:
-                stage.free = st.event()
+                stage.free = st.event("stage.free")
                 stage.free.record(st.decode)
         if st.cuda:
-            self.stats._timings.append((start, slot.ready))
+            self._timings.append((start, slot.ready))
+            self._read_timings(wait=False)
         else:
             self.stats.decode_seconds += time.perf_counter() - t0
 
     def _repack(self, blk: _Block) -> None:
-        """Re-encoded tensors changed the block's sizes: pack it again (a larger pinned buffer
-        if it grew), and grow the staging buffers if they no longer hold it."""
+        """Re-encoded tensors changed the block's sizes: pack it again — in its own host region
+        when it still fits, else into a new pinned buffer — and grow the staging buffers if
+        they no longer hold it."""
+        self._wait_pending(blk)  # the re-encoded planes have arrived on the host
         layout = PackedLayout.of(blk.cts)
-        blk.host_buf = pack(blk.cts, backend.empty_pinned)  # a new buffer: the old one is a source
+        if blk.host_region is not None and layout.nbytes <= blk.host_region.numel():
+            # The planes of the tensors not re-encoded are views of this very region, so they
+            # are packed into plain memory first; the region may still be the source of the
+            # block's last copy to the device: wait for that copy (long done by now: it ran in
+            # the forward pass) before overwriting it.
+            packed = pack(blk.cts, _cpu_bytes)
+            if blk.last_copy is not None and not blk.last_copy.query():
+                blk.last_copy.synchronize()
+            buf = blk.host_region[: layout.nbytes]
+            buf.copy_(packed)
+        else:
+            log.info("block %s grew past its host region: packed into a new buffer", blk.name)
+            buf = pack(blk.cts, backend.empty_pinned)  # a new buffer: the old one is a source
+            blk.host_region = buf
+        blk.host_buf = buf
         blk.cts = bind(blk.cts, layout, blk.host_buf)
         blk.layout = layout
         for stage in self._staging:
@@ -590,20 +689,52 @@ class Executor:
         if self.log_events:
             self.events.append((kind, *args))
 
-    def settle(self) -> None:
-        """Read device-side timings and decode statuses (synchronizes the side streams)."""
-        if not self.streams.cuda:
-            return
-        self.streams.decode.synchronize()
-        for start, end in self.stats._timings:
+    def _read_timings(self, wait: bool) -> None:
+        """Add the durations of finished device decodes to the stats (``wait``: all of them,
+        after synchronizing the decode stream; else only those done, without waiting)."""
+        if wait and self._timings:
+            self.streams.decode.synchronize()
+        while self._timings and (wait or self._timings[0][1].query()):
+            start, end = self._timings.popleft()
             self.stats.decode_seconds += start.elapsed_time(end) / 1e3
-        self.stats._timings.clear()
-        bad = [s for s in self._statuses if not bool(s.all())]
-        self._statuses.clear()
-        if bad:
-            from neuzip_offload.compressed import DamagedDataError
 
-            raise DamagedDataError(f"{len(bad)} decode(s) on {self.device} did not end cleanly")
+    def _check_damage(self) -> None:
+        """Raise DamagedDataError if a device decode since the last check met a damaged chunk.
+
+        On CUDA the counts are copied to pinned memory behind the decodes issued so far and
+        that copy is waited for: the one synchronization per forward (and per backward) that
+        turns device-side damage into an error before the results are used."""
+        if self._damage is None:
+            return
+        if self.streams.cuda:
+            st = self.streams
+            with st.on(st.decode):
+                self._damage_host.copy_(self._damage, non_blocking=True)
+                done = st.event()
+                done.record(st.decode)
+            done.synchronize()  # the damage counts have arrived in host memory
+            counts = self._damage_host
+        else:
+            counts = self._damage
+        bad = counts.nonzero().flatten().tolist()  # host memory: no device synchronization
+        if not bad:
+            return
+        with self.streams.on(self.streams.decode):
+            self._damage.zero_()
+        names = [self.plan.blocks[b].name for b in bad]
+        from neuzip_offload.compressed import DamagedDataError
+
+        raise DamagedDataError(
+            f"decoding on {self.device} met damaged data in block(s) {', '.join(names)}: "
+            "a rANS chunk did not end in its final state"
+        )
+
+    def settle(self) -> None:
+        """Read device-side timings and check decode damage (synchronizes the decode stream)."""
+        if not self.streams.cuda and self._damage is None:
+            return
+        self._read_timings(wait=True)
+        self._check_damage()
 
     def close(self) -> None:
         if self.closed:
@@ -617,4 +748,5 @@ class Executor:
         self._workspace = None
         for b in self._blocks:
             b.host_buf = b.dev_cts = b.resident = None
+        self._arena.close()  # the streams have drained: nothing reads the arena any more
         self.closed = True

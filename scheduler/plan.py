@@ -53,6 +53,9 @@ class BlockSpec:
     uses: int = 1  # uses per forward (a tied embedding / lm_head: 2)
     stored_bytes: int | None = None  # the format's size (no alignment padding); for reports
     on_disk: bool = False  # its bytes are in a file it can be read from (a disk tier is possible)
+    # device bytes its setup holds for a moment if it is made resident decoded: the compressed
+    # planes of its largest tensor while they decode (only where blocks are copied to a device)
+    setup_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,8 @@ class PlanOptions:
     prefetch: int = 2
     copies: bool = True  # False: host and device are the same memory (the CPU backend)
     pcie_gbps: float = 25.0
-    decode_gbps: float = 800.0
+    decode_gbps: float = 70.0  # device decode rate (api.py measures it on CUDA)
+    decode_source: str = ""  # how decode_gbps was obtained, for the printed plan
     device: str = "cuda"
     disk: bool = False  # blocks can be read from their files: a disk tier exists
     device_compressed: bool = True  # False when training: re-encoded weights change size
@@ -72,6 +76,9 @@ class PlanOptions:
     read_ahead: int | None = (
         None  # disk blocks read this many blocks beyond prefetch (None: = prefetch)
     )
+    # device bytes for transient work beside the slots while the model runs (training's
+    # re-encoding of an updated weight): held apart from the reserve, which activations use then
+    scratch_bytes: int = 0
 
     @property
     def disk_staging_count(self) -> int:
@@ -82,7 +89,13 @@ class PlanOptions:
     def __post_init__(self) -> None:
         if self.prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
-        for name in ("device_bytes", "host_bytes", "reserve_bytes", "resident_bytes"):
+        for name in (
+            "device_bytes",
+            "host_bytes",
+            "reserve_bytes",
+            "resident_bytes",
+            "scratch_bytes",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.pcie_gbps <= 0 or self.decode_gbps <= 0 or self.disk_gbps <= 0:
@@ -142,13 +155,20 @@ class Plan:
         )
 
     @property
+    def transient_bytes(self) -> int:
+        """Device bytes kept free beside the reserve for transient work (see _transient)."""
+        return _transient(self.blocks, self.tiers, self.options)
+
+    @property
     def gpu_bytes(self) -> int:
-        """Device bytes the runtime holds (the reserve for activations not included)."""
+        """Device bytes the runtime holds or keeps free for its own transient work (the reserve
+        for activations not included)."""
         return (
             self.options.resident_bytes
             + self._sum("decoded_bytes", (DEVICE,))
             + self._sum("compressed_bytes", (DEVICE_COMPRESSED,))
             + self.buffer_bytes
+            + self.transient_bytes
         )
 
     @property
@@ -231,6 +251,7 @@ class Plan:
             f"{format_size(self._sum('compressed_bytes', (DEVICE_COMPRESSED,)))} compressed, "
             f"slots {self.n_slots} x {format_size(self.slot_bytes)}, staging {self.n_staging} x "
             f"{format_size(self.staging_bytes)}, workspace {format_size(self.workspace_bytes)}, "
+            f"transient {format_size(self.transient_bytes)}, "
             f"reserve {format_size(o.reserve_bytes)}",
             f"host: {format_size(self.host_bytes)} of {format_size(o.host_bytes)} (disk reader "
             f"staging {self.n_disk_staging} x {format_size(self.disk_staging_bytes)}); disk: "
@@ -240,6 +261,7 @@ class Plan:
             f"{format_size(self.decoded_bytes_per_forward)} decoded; lower bound "
             f"{self.seconds_lower_bound() * 1e3:.2f} ms at {o.pcie_gbps:g} GB/s PCIe and "
             f"{o.disk_gbps:g} GB/s disk",
+            f"decode rate: {o.decode_gbps:.1f} GB/s ({o.decode_source or 'given'})",
         ]
         lines += list(self.notes)
         return "\n".join(lines)
@@ -273,6 +295,22 @@ def _buffers(blocks, tiers, o: PlanOptions) -> tuple[int, int, int, int, int]:
     return o.prefetch + 1, slot, n_staging, staging, workspace
 
 
+def _setup_peak(blocks, tiers, o: PlanOptions) -> int:
+    """The largest setup transient among the blocks made resident decoded."""
+    if not o.copies:
+        return 0
+    resident = (b.setup_bytes for b, t in zip(blocks, tiers, strict=True) if t == DEVICE)
+    return max(resident, default=0)
+
+
+def _transient(blocks, tiers, o: PlanOptions, setup: int | None = None) -> int:
+    """Device bytes beyond the reserve for transient work: training's scratch while the model
+    runs, or at setup the compressed planes of a tensor decoding into residence. The reserve is
+    still unused at setup, so only the part of the setup copy beyond it counts."""
+    setup = _setup_peak(blocks, tiers, o) if setup is None else setup
+    return max(o.scratch_bytes, setup - o.reserve_bytes, 0)
+
+
 def _device_total(blocks, tiers, o: PlanOptions) -> int:
     n_slots, slot, n_staging, staging, workspace = _buffers(blocks, tiers, o)
     resident = sum(
@@ -286,6 +324,7 @@ def _device_total(blocks, tiers, o: PlanOptions) -> int:
         + n_slots * slot
         + n_staging * staging
         + workspace
+        + _transient(blocks, tiers, o)
     )
 
 
@@ -328,6 +367,7 @@ def make_plan(blocks: list[BlockSpec] | tuple[BlockSpec, ...], options: PlanOpti
     # sizes (moves can only shrink them); the next pass spends what shrinking freed.
     while True:
         left = o.device_bytes - _device_total(blocks, tiers, o)
+        setup = _setup_peak(blocks, tiers, o)
         moves = []
         for i, (b, t) in enumerate(zip(blocks, tiers, strict=True)):
             if t == HOST:
@@ -355,9 +395,14 @@ def make_plan(blocks: list[BlockSpec] | tuple[BlockSpec, ...], options: PlanOpti
                 moves.append((decode_s[i] / extra, i, DEVICE_COMPRESSED, DEVICE, extra))
         moved = False
         for _, i, source, target, cost in sorted(moves, key=lambda m: (-m[0], m[1])):
+            grown = setup
+            if target == DEVICE and o.copies:  # its setup copy may raise the transient peak
+                grown = max(setup, blocks[i].setup_bytes)
+                cost += _transient(blocks, tiers, o, grown) - _transient(blocks, tiers, o, setup)
             if tiers[i] == source and cost <= left:
                 tiers[i] = target
                 left -= cost
+                setup = grown
                 moved = True
         if not moved:
             break

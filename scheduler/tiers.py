@@ -75,6 +75,45 @@ def read_packed(
     return bound
 
 
+class HostArena:
+    """Pinned host memory of exactly the planned size, handed out in aligned pieces.
+
+    CUDA's caching host allocator (``pin_memory``, ``empty(pin_memory=True)``) rounds every
+    allocation up to a power of two, so pinning each host block on its own could take up to twice
+    the bytes the plan counted. The arena is one pageable allocation page-locked in place with
+    cudaHostRegister: exactly ``nbytes``. It is unregistered by ``close()`` (the executor's),
+    after the streams have drained. Without CUDA it is plain memory.
+    """
+
+    def __init__(self, nbytes: int, pinned: bool):
+        self.buf = torch.empty(nbytes, dtype=torch.uint8)
+        self.pinned = pinned and nbytes > 0
+        self._pos = 0
+        if self.pinned:
+            cudart = torch.cuda.cudart()
+            torch.cuda.check_error(cudart.cudaHostRegister(self.buf.data_ptr(), nbytes, 0))
+
+    @staticmethod
+    def size(parts: list[int]) -> int:
+        """Bytes an arena needs to hand out ``parts`` (each aligned to PLANE_ALIGN)."""
+        return sum(_align(n, PLANE_ALIGN) for n in parts)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        start = self._pos
+        end = start + _align(nbytes, PLANE_ALIGN)
+        if end > self.buf.numel():
+            raise BudgetExceededError(
+                f"host arena: {nbytes} more bytes do not fit ({start} of {self.buf.numel()} used)"
+            )
+        self._pos = end
+        return self.buf[start : start + nbytes]
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr()))
+            self.pinned = False
+
+
 class BudgetExceededError(RuntimeError):
     """The executor was about to hold more device bytes than its budget (a planner bug)."""
 

@@ -40,9 +40,13 @@ def test_tight_budget_streams_and_stays_within_it():
     assert plan.seconds_lower_bound(25) == pytest.approx(plan.pcie_bytes_per_forward / 25e9)
 
 
-def test_with_copies_compressed_residency_is_preferred_per_byte():
-    plan = make_plan(layers(), PlanOptions(device_bytes=80 * MB, host_bytes=10**10))
+def test_with_copies_compressed_residency_is_preferred_per_byte_when_decoding_is_fast():
+    fast = PlanOptions(device_bytes=80 * MB, host_bytes=10**10, decode_gbps=800)
+    plan = make_plan(layers(), fast)
     assert plan.tiers.count(DEVICE_COMPRESSED) > plan.tiers.count(DEVICE)
+    # a slow decoder (as measured at dispatch) makes decoded residency worth its bytes
+    slow = make_plan(layers(), PlanOptions(device_bytes=80 * MB, host_bytes=10**10, decode_gbps=5))
+    assert slow.tiers.count(DEVICE) > slow.tiers.count(DEVICE_COMPRESSED)
 
 
 def test_without_copies_only_decoded_residency_pays():

@@ -1,0 +1,225 @@
+"""Everything the runtime holds on the device is in the plan, and nothing piles up.
+
+The CPU backend runs the same executor, so its accountant is the proof that a GPU run stays
+within max_gpu_mem: the setup copy of resident blocks, training scratch and decode statuses are
+counted here, a hopeless budget is refused before any compression, and device-side decode damage
+is turned into an error at the end of the forward (the Triton decoder runs under the
+interpreter for that).
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import replace
+
+import pytest
+import torch
+
+import neuzip_offload as nzo
+from neuzip_offload.codec import compress_many
+from neuzip_offload.config import CodecConfig
+from neuzip_offload.scheduler.executor import BlockData, Executor
+from neuzip_offload.scheduler.plan import DEVICE, BlockSpec, PlanOptions, make_plan
+from neuzip_offload.scheduler.tiers import BudgetExceededError, PackedLayout, slot_layout
+from tests.helpers import model_bytes, requires_triton, same_bits, tiny_llama
+
+
+def _blocks(shapes_per_block, seed=0, codec="zstd", config=None):
+    g = torch.Generator().manual_seed(seed)
+    weights, blocks, specs = [], [], []
+    for i, shapes in enumerate(shapes_per_block):
+        ws = [torch.randn(s, generator=g).to(torch.bfloat16) for s in shapes]
+        keys = [f"b{i}.w{j}" for j in range(len(ws))]
+        cts = compress_many(ws, config or CodecConfig(codec=codec))
+        weights.append(ws)
+        blocks.append(BlockData(f"b{i}", keys, cts))
+        specs.append(
+            BlockSpec(
+                f"b{i}",
+                sum(w.numel() for w in ws),
+                slot_layout(cts, keys)[1],
+                PackedLayout.of(cts).nbytes,
+                max(c.numel for c in cts),
+                setup_bytes=max(c.nbytes for c in cts),
+            )
+        )
+    return weights, blocks, specs
+
+
+def _options(device_bytes, **kw):
+    return PlanOptions(device_bytes=device_bytes, host_bytes=10**9, copies=True, device="cpu", **kw)
+
+
+def test_the_setup_copy_of_resident_blocks_is_planned_at_every_budget():
+    """Resident blocks are decoded at setup from compressed planes that visit the device; the
+    planner counts that moment, so no budget it accepts fails in the executor (before, a tight
+    budget raised BudgetExceededError from the setup copy)."""
+    # one large tensor per block: its compressed planes exceed what any slack would absorb
+    shapes = [[(128, 128)]] * 6 + [[(64, 64)], [(32,)]]
+    weights, blocks, specs = _blocks(shapes)
+    with pytest.raises(nzo.PlanError) as e:
+        make_plan(specs, _options(1, prefetch=1))
+    low = e.value.minimum_device_bytes
+    high = sum(s.decoded_bytes for s in specs) + max(s.setup_bytes for s in specs)
+    tried_resident = 0
+    for budget in range(low, high + 1, max(1, (high - low) // 40)):
+        plan = make_plan(specs, _options(budget, prefetch=1))
+        assert plan.gpu_bytes + plan.options.reserve_bytes <= budget
+        ex = Executor(plan, blocks, torch.device("cpu"))
+        tried_resident += DEVICE in plan.tiers
+        assert ex.accountant.peak <= budget
+        ex.begin_forward()
+        for i, ws in enumerate(weights):
+            ex.enter(i)
+            assert all(same_bits(ex.weight(f"b{i}.w{j}"), w) for j, w in enumerate(ws))
+            ex.exit(i)
+        ex.end_forward()
+        assert ex.accountant.peak <= budget
+        ex.close()
+    assert tried_resident > 5
+
+
+def test_training_scratch_is_kept_apart_from_the_reserve():
+    _, _, specs = _blocks([[(64, 64)], [(64, 64)]])
+    base = make_plan(specs, _options(10**8, prefetch=1, reserve_bytes=1000))
+    more = make_plan(specs, _options(10**8, prefetch=1, reserve_bytes=1000, scratch_bytes=5000))
+    assert more.transient_bytes == 5000 and "transient" in more.table()
+    with pytest.raises(nzo.PlanError) as e:
+        make_plan(specs, _options(1, prefetch=1, reserve_bytes=1000, scratch_bytes=5000))
+    with pytest.raises(nzo.PlanError) as f:
+        make_plan(specs, _options(1, prefetch=1, reserve_bytes=1000))
+    assert e.value.minimum_device_bytes == f.value.minimum_device_bytes + 5000
+    # everything resident: its setup copies beyond the reserve are the transient
+    assert base.transient_bytes == max(s.setup_bytes for s in specs) - 1000
+
+
+def test_executor_scratch_is_checked_against_the_plan():
+    _, blocks, specs = _blocks([[(64, 64)], [(64, 64)]])
+    plan = make_plan(specs, _options(10**8, prefetch=1, scratch_bytes=4096))
+    ex = Executor(plan, blocks, torch.device("cpu"))
+    with ex.scratch("re-encode", 4096):
+        assert ex.accountant.held["re-encode"] == 4096
+    assert ex.accountant.held["re-encode"] == 0
+    with pytest.raises(BudgetExceededError, match="scratch"), ex.scratch("re-encode", 4097):
+        pass
+    ex.close()
+
+
+def test_a_hopeless_budget_is_refused_before_anything_is_compressed(monkeypatch):
+    import neuzip_offload.api as api
+
+    def never(*a, **k):
+        raise AssertionError("compressed before the budget was checked")
+
+    monkeypatch.setattr(api, "compress_many", never)
+    with pytest.raises(nzo.PlanError, match="before compressing") as e:
+        nzo.dispatch(tiny_llama(), max_gpu_mem=1000, reserve=0, progress=False)
+    monkeypatch.undo()
+    # the budget the refusal names fits, whatever the weights compress to
+    model = nzo.dispatch(
+        tiny_llama(), max_gpu_mem=e.value.minimum_device_bytes, reserve=0, progress=False
+    )
+    assert model.neuzip.stats["peak_held_bytes"] <= e.value.minimum_device_bytes
+
+
+def test_the_decode_rate_the_plan_used_is_printed():
+    model = tiny_llama()
+    budget = model_bytes(model) // 2
+    nzo.dispatch(model, max_gpu_mem=budget, reserve=0, progress=False)
+    assert "decode rate: 1.5 GB/s (CPU figure from BENCHMARKS.md)" in model.neuzip.plan.table()
+    other = nzo.dispatch(
+        tiny_llama(), max_gpu_mem=budget, reserve=0, progress=False, decode_gbps=123.0
+    )
+    assert other.neuzip.plan.options.decode_gbps == 123.0
+    assert "123.0 GB/s (given)" in other.neuzip.plan.table()
+    with pytest.raises(ValueError, match="decode_gbps"):
+        nzo.dispatch(tiny_llama(), max_gpu_mem=budget, progress=False, decode_gbps=-1)
+
+
+def _device_decoder(monkeypatch):
+    """Make the executor decode with the Triton path (as on CUDA) under the interpreter."""
+    import neuzip_offload.scheduler.executor as executor_mod
+    from neuzip_offload.codec import decode_into
+
+    def triton_decode(ct, out, **kw):
+        kw.pop("workspace", None)
+        return decode_into(ct, out, use_triton=True, **kw)
+
+    monkeypatch.setattr(executor_mod, "decode_into", triton_decode)
+
+
+@requires_triton
+def test_device_decode_damage_is_raised_at_the_end_of_the_forward(monkeypatch):
+    _device_decoder(monkeypatch)
+    _, blocks, specs = _blocks([[(64, 64)], [(64, 64)]], codec="ans")
+    o = PlanOptions(device_bytes=1, host_bytes=10**9, copies=False, device="cpu", prefetch=0)
+    with pytest.raises(nzo.PlanError) as e:
+        make_plan(specs, o)
+    plan = make_plan(specs, replace(o, device_bytes=e.value.minimum_device_bytes))
+    ex = Executor(plan, blocks, torch.device("cpu"))
+    ex.per_tensor_decode = True
+    streamed = [b for b in ex._blocks if b.tier != DEVICE]
+    assert streamed
+    victim = streamed[0]
+    exp = victim.cts[0].planes["exp"]
+    exp[exp.numel() // 2] ^= 0x5A  # a flipped byte in the middle of the rANS words
+    ex.begin_forward()
+    for b in range(len(blocks)):
+        ex.enter(b)
+        ex.exit(b)
+    with pytest.raises(nzo.DamagedDataError, match=victim.name):
+        ex.end_forward()
+    ex.close()
+
+
+@requires_triton
+def test_runtime_objects_do_not_pile_up_over_many_forwards(monkeypatch):
+    """Statuses of device decodes are folded into one counter as they finish: after 5 and after
+    25 forwards the same number of tensors is alive (before, one status per decode piled up
+    until someone read the stats)."""
+    _device_decoder(monkeypatch)
+    cfg = CodecConfig(codec="ans", prob_bits=8, chunk_size=1024, lanes=32)
+    _, blocks, specs = _blocks([[(32, 32)], [(32, 32)], [(32, 32)]], config=cfg)
+    o = PlanOptions(device_bytes=1, host_bytes=10**9, copies=False, device="cpu", prefetch=1)
+    with pytest.raises(nzo.PlanError) as e:
+        make_plan(specs, o)
+    ex = Executor(
+        make_plan(specs, replace(o, device_bytes=e.value.minimum_device_bytes)),
+        blocks,
+        torch.device("cpu"),
+    )
+    ex.per_tensor_decode = True
+
+    def forward() -> None:
+        ex.begin_forward()
+        for b in range(len(blocks)):
+            ex.enter(b)
+            ex.exit(b)
+        ex.end_forward()
+
+    def alive() -> int:
+        gc.collect()
+        return sum(type(o) is torch.Tensor for o in gc.get_objects())
+
+    for _ in range(5):
+        forward()
+    first = alive()
+    for _ in range(20):
+        forward()
+    assert alive() <= first
+    assert ex._damage is not None and int(ex._damage.sum()) == 0  # statuses were folded in
+    assert len(ex._timings) == 0 and ex.stats.fetches >= 25
+    ex.close()
+
+
+def test_zstd_is_refused_where_it_would_decode_on_the_host_for_a_gpu(monkeypatch, tmp_path):
+    """zstd is a host codec: on CUDA every block would make a round trip through the host (a
+    synchronization per block). Asked for it, dispatch and load refuse and name the way out."""
+    model = tiny_llama(layers=1)
+    model.save_pretrained(tmp_path / "hf")
+    ck = nzo.convert(tmp_path / "hf", tmp_path / "nz", codec="zstd", progress=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="codec='ans'"):
+        nzo.dispatch(model, max_gpu_mem=10**8, device="cuda", codec="zstd", progress=False)
+    with pytest.raises(nzo.DispatchError, match="--codec ans"):
+        nzo.load(ck, max_gpu_mem=10**8, device="cuda", progress=False)
