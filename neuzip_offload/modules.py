@@ -140,27 +140,50 @@ class CompressedEmbedding(CompressedModule):
 
         if len(self.pieces) == 1:
             return self._run(self.pieces[0], lambda w: lookup(ids, w))
-        # Only the pieces holding the requested rows are fetched (one host sync to learn which);
-        # such lookups depend on the data, so they stay out of the recorded order.
-        rows = self.pieces[0].stop - self.pieces[0].start
-        needed = torch.unique(ids.reshape(-1) // rows).tolist()
-        out = torch.zeros(
-            *ids.shape, self.embedding_dim, dtype=self.weight_dtype, device=ids.device
-        )
+        return self._lookup_in_pieces(ids)
+
+    def _lookup_in_pieces(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows of ``ids`` from a weight cut into row pieces, without a host synchronization.
+
+        Every piece is looked up with the ids moved into its range and clamped to its rows, and
+        ``torch.where`` keeps the rows the piece holds: fixed-shape device ops, no ``.tolist()``,
+        ``unique`` or boolean indexing, so every piece runs every forward, in order, and joins the
+        recorded order (prefetched like a layer). Costs one [*ids, dim] gather and select per
+        piece. The first piece is not clamped below and the last not above, so an id outside
+        [0, num_embeddings) fails in F.embedding exactly as in nn.Embedding. The rows selected
+        are the stored rows, bit for bit; backward gives the rows a piece does not hold a zero
+        gradient (the clamped row receives +0.0, which changes no bit of a sum). Gradients are
+        dense, as for every piece (``sparse`` applies to whole embeddings)."""
+        if torch.is_grad_enabled() and self.scale_grad_by_freq:
+            raise NotImplementedError(
+                "scale_grad_by_freq=True is not supported for an embedding cut into pieces "
+                "(the clamped ids would change the counts); dispatch with a larger "
+                "max_block_bytes to keep it whole"
+            )
+        if self.max_norm is not None:
+            raise NotImplementedError(
+                "max_norm is not supported for an embedding cut into pieces (it rewrites the "
+                "weight in place); dispatch with a larger max_block_bytes to keep it whole"
+            )
+        last = len(self.pieces) - 1
         ex = self._executor
-        for i in needed:
-            p = self.pieces[i]
-            ex.enter(p.block, predictable=False)
+        out = None
+        for i, p in enumerate(self.pieces):
+            rows = p.stop - p.start
+            local = ids - p.start  # same shape and device as ids: nothing reaches the host
+            inside = local.clamp(min=0 if i > 0 else None, max=rows - 1 if i < last else None)
+            pad = self.padding_idx
+            pad = pad - p.start if pad is not None and p.start <= pad < p.stop else None
+            ex.enter(p.block)  # predictable: every piece runs every forward, in order
             try:
-                sel = (ids >= p.start) & (ids < p.stop)
-                pad = self.padding_idx
-                pad = pad - p.start if pad is not None and p.start <= pad < p.stop else None
-                found = self._run(
-                    p, lambda w, sel=sel, p=p, pad=pad: F.embedding(ids[sel] - p.start, w, pad)
-                )
-                out = out.index_put((sel,), found)  # out of place: autograd follows it
+                found = self._run(p, lambda w, x=inside, pad=pad: F.embedding(x, w, pad))
             finally:
                 ex.exit(p.block)
+            if out is None:  # [*ids, dim]; positions of later pieces are overwritten below
+                out = found
+            else:
+                held = ((local >= 0) & (local < rows)).unsqueeze(-1)  # [*ids, 1]
+                out = torch.where(held, found, out)
         return out
 
 

@@ -11,11 +11,147 @@ the working set) in ``state_dtype`` (default: the parameter's dtype, as torch.op
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+from . import backend
+
+if TYPE_CHECKING:
+    from .scheduler.streams import Streams
+
+
+class StateMover:
+    """Moves tensors between their home in host memory and the device, without host waits.
+
+    On CUDA a home is pinned and every copy is ``non_blocking`` on the executor's copy stream
+    (``streams``: a scheduler.streams.Streams, the one owner of streams and events), ordered by
+    events: the compute stream waits for a host → device copy before using its result, and a
+    device → host copy waits for the compute stream's work that produced its source. Only the
+    copy stream writes or reads a home after it is made, so the copies of one home run in the
+    order they were issued and a home is never overwritten while a copy reads it. The host
+    reads a home only after ``synchronize()``. Without streams (an optimizer used on its own)
+    the copies go on the current stream.
+
+    A home on the tensor's device is used in place, unless ``copies`` (as the executor's
+    option: tests force it on the CPU, where the stand-in streams in checking mode then check
+    the order of every copy declared here).
+    """
+
+    def __init__(self, streams: Streams | None = None, copies: bool = False):
+        self.streams = streams
+        self.copies = copies
+        self._last: dict[torch.device, object] = {}  # device → event after its last D2H copy
+
+    def in_place(self, home: torch.Tensor, device: torch.device) -> bool:
+        """Whether ``home`` itself is the working tensor on ``device`` (no copies)."""
+        return home.device == device and not self.copies
+
+    def _copy_stream(self, device: torch.device):
+        if self.streams is not None and (self.streams.cuda or device.type == "cpu"):
+            return self.streams.copy
+        return backend.current_stream(device)
+
+    def _event(self, device: torch.device, name: str):
+        if self.streams is not None:
+            return self.streams.event(name)
+        return backend.new_event(device, name)
+
+    def _declare(self, t: torch.Tensor, stream, write: bool, purpose: str) -> None:
+        """Tell the streams' checking mode who touches ``t`` (nothing happens otherwise)."""
+        if self.streams is not None:
+            (self.streams.write if write else self.streams.read)(t, stream, purpose)
+
+    @staticmethod
+    def new_home(
+        shape: torch.Size, dtype: torch.dtype, device: torch.device, where: torch.device
+    ) -> torch.Tensor:
+        """An uninitialised home at ``where`` for a tensor used on ``device`` (pinned when it is
+        the host and ``device`` is a GPU, so copies can be asynchronous)."""
+        if where.type == "cpu" and device.type == "cuda":
+            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            return backend.empty_pinned(nbytes).view(dtype).view(shape)
+        return torch.empty(shape, dtype=dtype, device=where)
+
+    def fetch(self, home: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``home`` on ``device``: the tensor itself where it is used in place, else a copy,
+        which the current stream may use at once (it waits for the copy's event, not the
+        host)."""
+        if self.in_place(home, device):
+            return home
+        cuda = device.type == "cuda"
+        compute = backend.current_stream(device)
+        copy = self._copy_stream(device)
+        with backend.on_stream(copy):
+            # Allocated from the copy stream's pool, so the copy need not wait for compute work
+            # that may still use memory the allocator hands out; record_stream below keeps it
+            # from being reused before the compute stream's uses of it have run.
+            local = torch.empty(home.shape, dtype=home.dtype, device=device)
+            self._declare(home, copy, False, "state home (copy in)")
+            self._declare(local, copy, True, "state on the device (copy in)")
+            local.copy_(home, non_blocking=cuda)  # pinned → device, after earlier D2H of home
+            done = self._event(device, "state fetched")
+            done.record(copy)
+        compute.wait_event(done)
+        if cuda and copy != compute:  # (one stream: its own order suffices)
+            local.record_stream(compute)
+        self._declare(local, compute, True, "state on the device (update)")
+        return local
+
+    def store(self, local: torch.Tensor, home: torch.Tensor) -> None:
+        """Write ``local`` (same shape; any dtype, converted on its device) into ``home``."""
+        if local is home:
+            return
+        device = local.device
+        if self.in_place(home, device):
+            home.copy_(local)
+            return
+        cuda = device.type == "cuda"
+        src = local if local.dtype == home.dtype else local.to(home.dtype)  # on the device
+        compute = backend.current_stream(device)
+        copy = self._copy_stream(device)
+        self._declare(src, compute, True, "state on the device (update)")
+        ready = self._event(device, "state updated")
+        ready.record(compute)  # src is final once the compute stream's work so far has run
+        with backend.on_stream(copy):
+            copy.wait_event(ready)
+            self._declare(src, copy, False, "state on the device (copy out)")
+            self._declare(home, copy, True, "state home (copy out)")
+            home.copy_(src, non_blocking=cuda)  # device → pinned host
+            done = self._event(device, "state stored")
+            done.record(copy)
+        if cuda and copy != compute:  # (one stream: its own order suffices)
+            src.record_stream(copy)  # its memory is not reused before this copy has read it
+        self._last[device] = done
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of a device tensor, made asynchronously into a fresh pinned buffer
+        (on the CPU: ``t`` itself, unless ``copies``). Read it on the host only after
+        ``synchronize()`` or ``last_event(t.device).synchronize()``."""
+        if t.device.type == "cpu" and not self.copies:
+            return t
+        home = self.new_home(t.shape, t.dtype, t.device, torch.device("cpu"))
+        self.store(t, home)
+        return home
+
+    def last_event(self, device: torch.device):
+        """The event after the last device → host copy from ``device`` (None if none)."""
+        return self._last.get(device)
+
+    def synchronize(self) -> None:
+        """Host wait until every device → host copy issued so far has finished (one event per
+        device: the copies of a device run in order on one stream)."""
+        for ev in self._last.values():
+            ev.synchronize()
+        self._last.clear()
 
 
 class FusedOptimizer:
-    """A per-tensor update rule with its state: ``update(key, param, grad)`` changes ``param``."""
+    """A per-tensor update rule with its state: ``update(key, param, grad)`` changes ``param``.
+
+    State on the host (``state_device="cpu"``) for a CUDA parameter is pinned and moves with
+    asynchronous copies (StateMover); read ``state`` on the host only after ``synchronize()``
+    (the trainer calls it at the end of every backward)."""
 
     def __init__(self, state_dtype: torch.dtype | None = None, state_device: str = "cpu"):
         if state_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
@@ -23,6 +159,17 @@ class FusedOptimizer:
         self.state_dtype = state_dtype
         self.state_device = torch.device(state_device)
         self.state: dict[str, dict] = {}
+        self.mover = StateMover()
+
+    def bind(self, streams: Streams, copies: bool = False) -> None:
+        """Copy on the executor's streams (``scheduler.streams.Streams``) from now on;
+        ``copies``: as the executor's option (state on the parameter's device moves too)."""
+        self.synchronize()
+        self.mover = StateMover(streams, copies)
+
+    def synchronize(self) -> None:
+        """Wait (on the host) until the state's copies to the host have finished."""
+        self.mover.synchronize()
 
     def update(self, key: str, param: torch.Tensor, grad: torch.Tensor) -> None:
         raise NotImplementedError  # pragma: no cover - the subclasses define it
@@ -35,20 +182,26 @@ class FusedOptimizer:
             if isinstance(t, torch.Tensor)
         )
 
-    def _buffer(self, key: str, name: str, like: torch.Tensor, init=None) -> torch.Tensor:
-        """A state tensor (created on first use), brought to the parameter's device."""
+    def _local(
+        self, key: str, name: str, like: torch.Tensor, init: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(home, working copy on ``like``'s device) of a state tensor. A new one starts as
+        zeros, or as ``init`` rounded to the state dtype; its home is written by ``store``."""
         s = self.state.setdefault(key, {})
-        if name not in s:
-            dtype = self.state_dtype or like.dtype
-            s[name] = (
-                torch.zeros_like(like, dtype=dtype, device=self.state_device)
-                if init is None
-                else init.to(dtype=dtype, device=self.state_device).clone()
-            )
-        return s[name]
+        home = s.get(name)
+        if home is not None:
+            return home, self.mover.fetch(home, like.device)
+        dtype = self.state_dtype or like.dtype
+        home = self.mover.new_home(like.shape, dtype, like.device, self.state_device)
+        s[name] = home
+        if self.mover.in_place(home, like.device):  # the home is the working tensor
+            return home, (home.zero_() if init is None else home.copy_(init.detach()))
+        if init is None:
+            return home, torch.zeros(like.shape, dtype=dtype, device=like.device)
+        return home, init.detach().to(dtype, copy=True)  # on the device; stored after the update
 
     def _hyper(self) -> dict:
-        return {k: v for k, v in vars(self).items() if k not in ("state",)}
+        return {k: v for k, v in vars(self).items() if k not in ("state", "mover")}
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self._hyper().items())
@@ -79,16 +232,12 @@ class SGD(FusedOptimizer):
         if self.weight_decay != 0:
             grad = grad.add(param, alpha=self.weight_decay)
         if self.momentum != 0:
-            s = self.state.setdefault(key, {})
-            buf = s.get("momentum_buffer")
-            if buf is None:
-                buf = self._buffer(key, "momentum_buffer", grad, init=grad.detach())
-                local = buf.to(param.device, grad.dtype)
-            else:
-                local = buf.to(param.device, grad.dtype)
+            fresh = "momentum_buffer" not in self.state.get(key, {})
+            home, buf = self._local(key, "momentum_buffer", grad, init=grad if fresh else None)
+            local = buf if buf.dtype == grad.dtype else buf.to(grad.dtype)
+            if not fresh:
                 local.mul_(self.momentum).add_(grad, alpha=1 - self.dampening)
-            if local is not buf:
-                buf.copy_(local)
+            self.mover.store(local, home)
             grad = grad.add(local, alpha=self.momentum) if self.nesterov else local
         param.add_(grad, alpha=-self.lr)
 
@@ -114,10 +263,8 @@ class AdamW(FusedOptimizer):
         s = self.state.setdefault(key, {})
         s["step"] = s.get("step", 0.0) + 1.0  # exact in float32, as torch counts it, to 2**24
         step = s["step"]
-        exp_avg_home = self._buffer(key, "exp_avg", param)
-        exp_avg_sq_home = self._buffer(key, "exp_avg_sq", param)
-        exp_avg = exp_avg_home.to(param.device)
-        exp_avg_sq = exp_avg_sq_home.to(param.device)
+        exp_avg_home, exp_avg = self._local(key, "exp_avg", param)
+        exp_avg_sq_home, exp_avg_sq = self._local(key, "exp_avg_sq", param)
         target = param
         if exp_avg.dtype != param.dtype:  # wider states: update a wide copy, round once
             param, grad = param.to(exp_avg.dtype), grad.to(exp_avg.dtype)
@@ -133,9 +280,8 @@ class AdamW(FusedOptimizer):
         param.addcdiv_(exp_avg, denom, value=-step_size)
         if param is not target:
             target.copy_(param)
-        if exp_avg is not exp_avg_home:
-            exp_avg_home.copy_(exp_avg)
-            exp_avg_sq_home.copy_(exp_avg_sq)
+        self.mover.store(exp_avg, exp_avg_home)
+        self.mover.store(exp_avg_sq, exp_avg_sq_home)
 
 
 SUPPORTED = (SGD, AdamW)

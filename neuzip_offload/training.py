@@ -10,7 +10,15 @@ decoded weight and the result is re-encoded with fresh frequency tables. Plain p
 (norms, biases) get the same hook and the same optimizer.
 
 Gradient accumulation (``grad_accum_steps=n``) sums each tensor's gradients in an fp32 host
-buffer and applies the update on every n-th backward (scale the loss by 1/n for a mean).
+buffer and applies the update on every n-th backward (scale the loss by 1/n for a mean). The sum
+is taken on the device: the buffer (pinned on CUDA) comes over, takes the gradient and goes back
+with asynchronous copies on the executor's copy stream (optim.StateMover). The device holds one
+fp32 sum at a time, beside the gradient, never the sums of all tensors, which the device budget
+does not count (they are twice the bf16 weights).
+
+Host synchronization: none per tensor. Re-encoded planes and optimizer state go to pinned host
+memory with asynchronous copies; the end of each backward waits once for those copies (after
+the global norm, the step's one other wait), so what the host reads afterwards is complete.
 
 Clipping (``clip_grad_norm``): exact global-norm clipping needs every gradient before any update,
 which fused updates do not have. ``clip_mode="tensor"`` clips each tensor's gradient to the norm
@@ -31,11 +39,13 @@ from concurrent.futures import Executor
 import torch
 from torch import nn
 
+from . import backend
+from .budget import device_encode_bytes
 from .codec import compress_many
 from .compressed import CompressedTensor
 from .config import CodecConfig
 from .kernels import HAS_TRITON
-from .optim import FusedOptimizer
+from .optim import FusedOptimizer, StateMover
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +112,11 @@ class Trainer:
         self._sq: torch.Tensor | None = None  # this backward's sum of squares, on the device
         self._uses: dict[str, int] = {}
         self._partial: dict[str, torch.Tensor] = {}
-        self._accum: dict[str, torch.Tensor] = {}
+        self._accum: dict[str, torch.Tensor] = {}  # fp32 sums, pinned on the host (CUDA)
         self._micro: dict[str, int] = {}
+        # the optimizer's copies go on the executor's copy stream
+        optimizer.bind(self.executor.streams, copies=self.executor.copies)
+        self.mover: StateMover = optimizer.mover
         self.steps = 0
         self._hooks = []
         for name, p in plain or []:
@@ -113,6 +126,7 @@ class Trainer:
         self.executor.on_backward_end.append(self._end_backward)
 
     def close(self) -> None:
+        self.mover.synchronize()  # no copy into the state or the planes outlives the trainer
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -147,16 +161,21 @@ class Trainer:
     def _micro_step(self, key: str, grad: torch.Tensor, apply) -> None:
         n = self.grad_accum_steps
         if n > 1:
-            acc = self._accum.get(key)
-            g32 = grad.to(device="cpu", dtype=torch.float32)
-            if acc is None:
-                self._accum[key] = g32
-            else:
-                acc += g32
-            self._micro[key] = self._micro.get(key, 0) + 1
-            if self._micro[key] % n:
+            count = self._micro.get(key, 0) + 1
+            self._micro[key] = count
+            home = self._accum.get(key)
+            if home is None:
+                home = self.mover.new_home(grad.shape, torch.float32, grad.device, _HOST)
+                self._accum[key] = home
+            if count % n == 1:  # the cycle's first gradient starts the sum
+                acc = grad.to(torch.float32)
+            else:  # fp32 += fp32(grad), as on the host before: the same bits
+                acc = self.mover.fetch(home, grad.device)
+                acc.add_(grad)
+            if count % n:
+                self.mover.store(acc, home)  # the next micro-batch fetches it after this copy
                 return
-            grad = self._accum.pop(key).to(device=grad.device, dtype=grad.dtype)
+            grad = acc.to(grad.dtype)
         sq = _square_norm(grad)  # stays on the device: no synchronization per tensor
         self._sq = sq if self._sq is None else self._sq + sq
         apply(key, self._clip(grad, sq))
@@ -177,6 +196,9 @@ class Trainer:
             self.grad_norm = math.sqrt(float(self._sq))
             self.steps += 1
         self._sq = None
+        # The step's device → host copies (optimizer state, sums, re-encoded planes) end shortly
+        # after its last update: wait once, so the host may read any of them from here on.
+        self.mover.synchronize()
         _return_freed_memory()
 
     # -- the update of a compressed weight -------------------------------------------------------
@@ -191,9 +213,16 @@ class Trainer:
                 self.handle.dirty.add(key)  # the decoded tensor is the truth; encode on save
             else:
                 old = self.handle.compressed[key]
-                ct = reencode(weight, old, self.handle.pool)
-                self.handle.compressed[key] = ct
-                ex.replace(key, ct)
+                # the encoder's scratch is planned (PlanOptions.scratch_bytes) and held here
+                scratch = (
+                    device_encode_bytes(weight.numel(), weight.element_size())
+                    if weight.is_cuda
+                    else 0
+                )
+                with ex.scratch("re-encode", scratch):
+                    ct, ready = reencode_async(weight, old, self.mover, self.handle.pool)
+                self.handle.compressed[key] = ct  # read on the host only after _end_backward
+                ex.replace(key, ct, ready=ready)  # its repacking waits for the copy
         finally:
             ex.exit(b)
 
@@ -231,13 +260,10 @@ def _return_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def reencode(
-    weight: torch.Tensor, like: CompressedTensor, pool: Executor | None = None
+def _encode(
+    weight: torch.Tensor, like: CompressedTensor, pool: Executor | None
 ) -> CompressedTensor:
-    """The updated weight compressed as ``like`` was (fresh tables), returned on the host.
-
-    A CUDA weight is encoded on the GPU (the Triton rANS encoder) when its codec is ans; only the
-    compressed bytes cross to the host. Otherwise the host encoders run."""
+    """The weight compressed as ``like`` was, fresh tables; planes where the encoder left them."""
     h = like.header
     cfg = CodecConfig(
         mode="lossless",
@@ -249,4 +275,38 @@ def reencode(
     w = weight.detach().reshape(like.shape)
     if not (h.codec == "ans" and w.is_cuda and HAS_TRITON):
         w = w.cpu()
-    return compress_many([w], cfg, names=[like.name], pool=pool)[0].cpu()
+    return compress_many([w], cfg, names=[like.name], pool=pool)[0]
+
+
+def reencode(
+    weight: torch.Tensor, like: CompressedTensor, pool: Executor | None = None
+) -> CompressedTensor:
+    """The updated weight compressed as ``like`` was (fresh tables), returned on the host.
+
+    A CUDA weight is encoded on the GPU (the Triton rANS encoder) when its codec is ans; only the
+    compressed bytes cross to the host. Otherwise the host encoders run."""
+    mover = StateMover()
+    ct, ready = reencode_async(weight, like, mover, pool)
+    ready.synchronize()  # the caller reads the planes now
+    return ct
+
+
+def reencode_async(
+    weight: torch.Tensor,
+    like: CompressedTensor,
+    mover: StateMover,
+    pool: Executor | None = None,
+) -> tuple[CompressedTensor, object]:
+    """``reencode`` without waiting: (tensor with its planes in fresh pinned host buffers,
+    event after which the host may read them). The planes of a CUDA encode cross once,
+    asynchronously, on the mover's copy stream; a host encode's planes are ready at once."""
+    ct = _encode(weight, like, pool)
+    planes = {k: mover.to_host(p) for k, p in ct.planes.items()}  # fresh buffers: none reused
+    moved = [p.device for k, p in ct.planes.items() if planes[k] is not p]
+    if not moved:  # a host encode: its planes are complete already
+        return ct.with_planes(planes), backend.CpuEvent()
+    # the copies of one device run in order on one stream: the last one's event covers all
+    return ct.with_planes(planes), mover.last_event(moved[-1])
+
+
+_HOST = torch.device("cpu")

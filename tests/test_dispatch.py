@@ -199,3 +199,132 @@ def test_bad_options_are_refused(kwargs, error, match):
 def test_undispatch_of_a_plain_model_is_refused():
     with pytest.raises(nzo.DispatchError, match="not dispatched"):
         nzo.undispatch(tiny_llama())
+
+
+# ------------------------------------------------------------------------------------------
+# embeddings cut into row pieces: no host synchronization, prefetched, bit-exact
+# ------------------------------------------------------------------------------------------
+
+
+def _embedding_in_pieces(**kw):
+    """A tiny Llama whose (untied) embedding streams in row pieces, and a copy of the original."""
+    model = tiny_llama(tied=False)
+    original = copy.deepcopy(model.model.embed_tokens)
+    nzo.dispatch(
+        model, max_gpu_mem=_minimum(model, prefetch=1), reserve=0, prefetch=1, progress=False, **kw
+    )
+    emb = model.model.embed_tokens
+    assert isinstance(emb, CompressedEmbedding) and len(emb.pieces) > 2
+    return model, emb, original
+
+
+def _boundary_ids(emb: CompressedEmbedding) -> torch.Tensor:
+    """Every piece's first and last row and its neighbours, in an order that mixes pieces."""
+    edges = {0, emb.num_embeddings - 1}
+    for p in emb.pieces:
+        edges |= {p.start, p.stop - 1, max(p.start - 1, 0), min(p.stop, emb.num_embeddings - 1)}
+    ids = torch.tensor(sorted(edges))
+    return torch.stack([ids, ids.flip(0)])  # [2, n]
+
+
+def test_embedding_pieces_are_bit_exact_at_their_boundaries():
+    _, emb, original = _embedding_in_pieces()
+    ids = torch.cat([_boundary_ids(emb), torch.randint(0, 1000, (2, 40))], dim=1)
+    with torch.no_grad():
+        assert same_bits(emb(ids), original(ids))
+        assert same_bits(emb(ids[0]), original(ids[0]))  # 1-d ids too
+        assert same_bits(emb(torch.tensor(7)), original(torch.tensor(7)))  # and a 0-d id
+
+
+@pytest.mark.parametrize("bad", [-1, 1000])
+def test_embedding_pieces_refuse_ids_out_of_range_as_nn_embedding_does(bad):
+    _, emb, original = _embedding_in_pieces()
+    ids = torch.tensor([[3, bad, 5]])
+    with pytest.raises(IndexError):
+        original(ids)
+    with pytest.raises(IndexError), torch.no_grad():
+        emb(ids)
+
+
+def test_embedding_pieces_look_up_without_host_synchronization(monkeypatch):
+    model, emb, original = _embedding_in_pieces()
+    ids = _boundary_ids(emb)
+    ex = model.neuzip.executor
+    guard = {"on": False}  # off inside the executor: the CPU backend decodes host data there
+
+    def refuse(name, real):
+        def checked(*args, **kwargs):
+            if guard["on"]:
+                raise AssertionError(f"{name} in a multi-piece embedding lookup")
+            return real(*args, **kwargs)
+
+        return checked
+
+    getitem = torch.Tensor.__getitem__
+
+    def no_mask(t, index):  # boolean-mask indexing learns the selection's size on the host
+        items = index if isinstance(index, tuple) else (index,)
+        if guard["on"] and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items
+        ):
+            raise AssertionError("boolean-mask indexing in a multi-piece embedding lookup")
+        return getitem(t, index)
+
+    def unguarded(real):
+        def call(*args, **kwargs):
+            guard["on"] = False
+            try:
+                return real(*args, **kwargs)
+            finally:
+                guard["on"] = True
+
+        return call
+
+    with monkeypatch.context() as m:
+        for name in ("tolist", "item", "nonzero", "__bool__", "index_put", "index_put_"):
+            m.setattr(torch.Tensor, name, refuse(name, getattr(torch.Tensor, name)))
+        for name in ("unique", "nonzero", "masked_select"):
+            m.setattr(torch, name, refuse(name, getattr(torch, name)))
+        m.setattr(torch.Tensor, "__getitem__", no_mask)
+        for name in ("enter", "exit"):
+            m.setattr(ex, name, unguarded(getattr(ex, name)))
+        guard["on"] = True
+        with torch.no_grad():
+            out = emb(ids)
+        guard["on"] = False
+    assert same_bits(out, original(ids))
+    entered = [e[1] for e in ex.events if e[0] == "enter"]
+    assert len(entered) >= len(emb.pieces)  # the guard was on while every piece ran
+
+
+def test_embedding_pieces_join_the_order_and_are_prefetched():
+    model, emb, _ = _embedding_in_pieces()
+    ex = model.neuzip.executor
+    pieces = {ex._blocks[p.block].name for p in emb.pieces}
+    ids = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(ids)  # records the order
+        assert [p.block for p in emb.pieces] == [
+            b for b in ex.order if b in {p.block for p in emb.pieces}
+        ]
+        first = ex._blocks[ex.order[0]].name  # the recording forward did not prefetch it
+        for allowed in ({first}, set()):  # from the third forward on: no miss at all
+            ex.events.clear()
+            model(torch.full((1, 6), 1))  # one piece holds every id: all are still entered
+            misses = [e[1] for e in ex.events if e[0] == "miss"]
+            entered = [e[1] for e in ex.events if e[0] == "enter"]
+            assert pieces <= set(entered)
+            assert pieces & set(misses) <= allowed, misses
+
+
+def test_embedding_pieces_count_no_host_synchronization_in_checking_mode():
+    from neuzip_offload import backend
+
+    model, emb, original = _embedding_in_pieces()
+    ids = _boundary_ids(emb)
+    with torch.no_grad():
+        model(ids)  # the order is recorded: the pieces are prefetched from here on
+        with backend.checking() as chk:
+            out = emb(ids)
+    assert chk.syncs == []
+    assert same_bits(out, original(ids))
