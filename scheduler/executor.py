@@ -627,12 +627,12 @@ class Executor:
         with st.on(st.decode):
             if slot.free is not None:
                 st.decode.wait_event(slot.free)
+            t0 = time.perf_counter()
+            start = st.event("decode start", timing=True)
+            start.record(st.decode)
             if stage is not None:
                 st.read(stage.buf[: blk.layout.nbytes], st.decode, "staging buffer")
             st.write(slot.buf, st.decode, "slot")  # checking mode: the decode writes the slot
-            t0 = time.perf_counter()
-            start = st.event()
-            start.record(st.decode)
             if self.per_tensor_decode:
                 for entry, ct in zip(blk.entries, source, strict=True):
                     self._decode(ct, entry.view(slot.buf), b)
@@ -640,7 +640,7 @@ class Executor:
                 # here: host and disk blocks were checked when they were made or read
                 outs = [e.view(slot.buf) for e in blk.entries]
                 decompress_many(source, outs, pool=self.pool, verify=False)
-            slot.ready = st.event("slot.ready")
+            slot.ready = st.event("slot.ready", timing=True)
             slot.ready.record(st.decode)
             if stage is not None:
                 stage.free = st.event("stage.free")

@@ -25,11 +25,12 @@ class Streams:
         self.decode = backend.new_stream(device, "decode")
         self._closed = False
 
-    def event(self, name: str = "event"):
-        """A new event (timing-capable on CUDA, so stats can read durations); ``name`` labels
-        the CPU stand-in in checking-mode reports."""
+    def event(self, name: str = "event", timing: bool = False):
+        """A new event; ``timing``: on CUDA, one that stats can read durations from (costlier to
+        record, so only the decode's start and end are). ``name`` labels the CPU stand-in in
+        checking-mode reports."""
         if self.cuda:
-            return torch.cuda.Event(enable_timing=True)
+            return torch.cuda.Event(enable_timing=timing)
         return backend.CpuEvent(name)
 
     def compute(self):

@@ -223,3 +223,21 @@ def test_zstd_is_refused_where_it_would_decode_on_the_host_for_a_gpu(monkeypatch
         nzo.dispatch(model, max_gpu_mem=10**8, device="cuda", codec="zstd", progress=False)
     with pytest.raises(nzo.DispatchError, match="--codec ans"):
         nzo.load(ck, max_gpu_mem=10**8, device="cuda", progress=False)
+
+
+def test_gpu_compression_at_dispatch_fits_the_budget_not_the_free_memory(monkeypatch):
+    """Whether a batch is encoded on the GPU depends on max_gpu_mem less what the process
+    already holds there (it used to be the card's free memory)."""
+    import neuzip_offload.api as api
+    from neuzip_offload.budget import device_encode_bytes
+
+    monkeypatch.setattr(api, "HAS_TRITON", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 10**8)
+    ans = CodecConfig(codec="ans")
+    need = device_encode_bytes(10**7, 2)
+    assert need > 10**7 * 2 * 2  # the weights, their planes and the encoder's buffers
+    assert api._encode_on_device(ans, 10**7, 2, budget=10**8 + need)
+    assert not api._encode_on_device(ans, 10**7, 2, budget=10**8 + need - 1)
+    assert not api._encode_on_device(ans, 10**7, 2, budget=None)  # a CPU dispatch
+    assert not api._encode_on_device(CodecConfig(codec="zstd"), 10, 2, budget=10**12)
