@@ -111,24 +111,21 @@ def main() -> None:
     # -- training: dispatch(trainable) + one step under the checker --------------------------
     ids = tok(bundled_text(), return_tensors="pt").input_ids[:, :64]
     with backend.checking() as chk:
-        try:
-            model = nzo.dispatch(
+
+        def trainable(max_gpu_mem: int):
+            return nzo.dispatch(
                 copy.deepcopy(base).train(),
-                max_gpu_mem=budget,
+                max_gpu_mem=max_gpu_mem,
                 trainable=True,
                 optimizer=nzo.optim.SGD(lr=1e-4),
                 progress=False,
             )
-            train_budget = budget
+
+        try:
+            model, train_budget = trainable(budget), budget
         except nzo.PlanError as e:  # training needs slots for backward too: the minimum
             train_budget = e.minimum_device_bytes
-            model = nzo.dispatch(
-                copy.deepcopy(base).train(),
-                max_gpu_mem=train_budget,
-                trainable=True,
-                optimizer=nzo.optim.SGD(lr=1e-4),
-                progress=False,
-            )
+            model = trainable(train_budget)
         ex = model.neuzip.executor
         model(ids, labels=ids).loss.backward()
         inside, entered = _syncs_per_block(chk, ex)

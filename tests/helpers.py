@@ -88,3 +88,33 @@ def tiny_gpt2(dtype: torch.dtype = torch.float32, seed=0):
 
 def model_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def compressed_blocks(shapes_per_block, config=None, seed: int = 0):
+    """Random bf16 weights in blocks, compressed, as dispatch hands them to the executor:
+    (weights per block, BlockData list, BlockSpec list with setup bytes)."""
+    from neuzip_offload.codec import compress_many
+    from neuzip_offload.config import CodecConfig
+    from neuzip_offload.scheduler.executor import BlockData
+    from neuzip_offload.scheduler.plan import BlockSpec
+    from neuzip_offload.scheduler.tiers import PackedLayout, slot_layout
+
+    g = torch.Generator().manual_seed(seed)
+    weights, blocks, specs = [], [], []
+    for i, shapes in enumerate(shapes_per_block):
+        ws = [torch.randn(s, generator=g).to(torch.bfloat16) for s in shapes]
+        keys = [f"b{i}.w{j}" for j in range(len(ws))]
+        cts = compress_many(ws, config or CodecConfig(codec="zstd"))
+        weights.append(ws)
+        blocks.append(BlockData(f"b{i}", keys, cts))
+        specs.append(
+            BlockSpec(
+                f"b{i}",
+                sum(w.numel() for w in ws),
+                slot_layout(cts, keys)[1],
+                PackedLayout.of(cts).nbytes,
+                max(c.numel for c in cts),
+                setup_bytes=max(c.nbytes for c in cts),
+            )
+        )
+    return weights, blocks, specs

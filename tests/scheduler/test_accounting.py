@@ -16,34 +16,21 @@ import pytest
 import torch
 
 import neuzip_offload as nzo
-from neuzip_offload.codec import compress_many
 from neuzip_offload.config import CodecConfig
-from neuzip_offload.scheduler.executor import BlockData, Executor
-from neuzip_offload.scheduler.plan import DEVICE, BlockSpec, PlanOptions, make_plan
-from neuzip_offload.scheduler.tiers import BudgetExceededError, PackedLayout, slot_layout
-from tests.helpers import model_bytes, requires_triton, same_bits, tiny_llama
+from neuzip_offload.scheduler.executor import Executor
+from neuzip_offload.scheduler.plan import DEVICE, PlanOptions, make_plan
+from neuzip_offload.scheduler.tiers import BudgetExceededError
+from tests.helpers import (
+    compressed_blocks,
+    model_bytes,
+    requires_triton,
+    same_bits,
+    tiny_llama,
+)
 
 
-def _blocks(shapes_per_block, seed=0, codec="zstd", config=None):
-    g = torch.Generator().manual_seed(seed)
-    weights, blocks, specs = [], [], []
-    for i, shapes in enumerate(shapes_per_block):
-        ws = [torch.randn(s, generator=g).to(torch.bfloat16) for s in shapes]
-        keys = [f"b{i}.w{j}" for j in range(len(ws))]
-        cts = compress_many(ws, config or CodecConfig(codec=codec))
-        weights.append(ws)
-        blocks.append(BlockData(f"b{i}", keys, cts))
-        specs.append(
-            BlockSpec(
-                f"b{i}",
-                sum(w.numel() for w in ws),
-                slot_layout(cts, keys)[1],
-                PackedLayout.of(cts).nbytes,
-                max(c.numel for c in cts),
-                setup_bytes=max(c.nbytes for c in cts),
-            )
-        )
-    return weights, blocks, specs
+def _blocks(shapes_per_block, codec="zstd", config=None):
+    return compressed_blocks(shapes_per_block, config or CodecConfig(codec=codec))
 
 
 def _options(device_bytes, **kw):

@@ -108,32 +108,11 @@ def test_cpu_stand_ins_are_complete_at_once():
 
 def test_the_staging_path_copies_and_decodes_exactly():
     """The copy-stream path (pinned host → staging → slot) run with the CPU stand-ins."""
-    from neuzip_offload.codec import compress_many
-    from neuzip_offload.config import CodecConfig
-    from neuzip_offload.scheduler.executor import BlockData, Executor
-    from neuzip_offload.scheduler.plan import BlockSpec, PlanOptions, make_plan
-    from neuzip_offload.scheduler.tiers import PackedLayout, slot_layout
-    from tests.helpers import same_bits
+    from neuzip_offload.scheduler.executor import Executor
+    from neuzip_offload.scheduler.plan import PlanOptions, make_plan
+    from tests.helpers import compressed_blocks, same_bits
 
-    g = torch.Generator().manual_seed(0)
-    weights = [
-        [torch.randn(s, generator=g).to(torch.bfloat16) for s in ((32, 48), (7,), (48, 32))]
-        for _ in range(5)
-    ]
-    blocks, specs = [], []
-    for i, ws in enumerate(weights):
-        keys = [f"b{i}.w{j}" for j in range(len(ws))]
-        cts = compress_many(ws, CodecConfig(codec="zstd"))
-        blocks.append(BlockData(f"b{i}", keys, cts))
-        specs.append(
-            BlockSpec(
-                f"b{i}",
-                sum(w.numel() for w in ws),
-                slot_layout(cts, keys)[1],
-                PackedLayout.of(cts).nbytes,
-                max(c.numel for c in cts),
-            )
-        )
+    weights, blocks, specs = compressed_blocks([((32, 48), (7,), (48, 32))] * 5)
     o = PlanOptions(device_bytes=1, host_bytes=10**9, prefetch=2, copies=True, device="cpu")
     with pytest.raises(nzo.PlanError) as e:
         make_plan(specs, o)
