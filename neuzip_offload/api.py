@@ -1379,14 +1379,18 @@ def undispatch(model: nn.Module) -> nn.Module:
         handle.compressed_tensor(key)
     if handle.trainer is not None:
         handle.trainer.close()
-    handle.executor.close()
+    handle.executor.close()  # its device memory is free again: pieces decode there one by one
+    dev = handle.device
     for w in handle.weights:
-        parts = [
-            decompress(handle.compressed_tensor(key), pool=handle.pool) for key, _, _ in w.pieces
-        ]
-        full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=w.kind.split_dim)
         home = w.device if w.device.type != "meta" else torch.device("cpu")  # loaded: host
-        param = nn.Parameter(full.to(home), requires_grad=w.requires_grad)
+        parts = []
+        for key, _, _ in w.pieces:
+            ct = handle.compressed_tensor(key)
+            if dev.type == "cuda" and ct.codec == "ans":  # the GPU decoder, not the host's rANS
+                ct = ct.to(dev)
+            parts.append(decompress(ct, pool=handle.pool).to(home))
+        full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=w.kind.split_dim)
+        param = nn.Parameter(full, requires_grad=w.requires_grad)
         for _, m in w.users:
             m.weight = param
     for parent, attr, original, _ in handle.swaps:
