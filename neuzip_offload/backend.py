@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -47,12 +48,29 @@ def pin(t: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"only CPU tensors can be pinned, got one on {t.device}")
     if not has_cuda() or t.is_pinned():
         return t
-    return t.pin_memory()
+    out = empty_pinned(t.numel() * t.element_size()).view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
 
 
 def empty_pinned(nbytes: int) -> torch.Tensor:
-    """An uninitialised uint8 host buffer, pinned where CUDA is present."""
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=has_cuda())
+    """An uninitialised uint8 host buffer of exactly ``nbytes``, page-locked where CUDA is present.
+
+    torch's pinned allocator (``pin_memory=True``) rounds every allocation up to a power of two,
+    up to twice the bytes asked for; optimizer state, host-tier blocks and staging would pay that.
+    So a plain allocation is page-locked in place with cudaHostRegister, and unlocked when its
+    storage is freed (the callback runs before the memory is returned)."""
+    t = torch.empty(nbytes, dtype=torch.uint8)
+    if not has_cuda() or nbytes == 0:
+        return t
+    ptr = t.data_ptr()
+    torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
+    weakref.finalize(t.untyped_storage(), _unregister, ptr)
+    return t
+
+
+def _unregister(ptr: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 class CpuEvent:

@@ -240,8 +240,7 @@ class Executor:
         ]
         regions = [n + (n // grow if grow else 0) for n in hosted]
         self._arena = HostArena(
-            HostArena.size(regions + [plan.disk_staging_bytes] * plan.n_disk_staging),
-            pinned=self.device.type == "cuda",
+            HostArena.size(regions + [plan.disk_staging_bytes] * plan.n_disk_staging)
         )
         if plan.n_disk_staging:
             self._reads = [
@@ -748,5 +747,5 @@ class Executor:
         self._workspace = None
         for b in self._blocks:
             b.host_buf = b.dev_cts = b.resident = None
-        self._arena.close()  # the streams have drained: nothing reads the arena any more
+        self._arena = None  # unpinned and freed once no view of it is left
         self.closed = True

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from neuzip_offload import backend
 from neuzip_offload.compressed import PLANE_NAMES, CompressedTensor, DamagedDataError, planes_crc
 
 log = logging.getLogger(__name__)
@@ -76,22 +77,13 @@ def read_packed(
 
 
 class HostArena:
-    """Pinned host memory of exactly the planned size, handed out in aligned pieces.
+    """Host memory of exactly the planned size, handed out in aligned pieces: one buffer from
+    ``backend.empty_pinned`` (page-locked in place, never rounded up) for the host-tier blocks
+    and the disk reader's staging. Plain memory without CUDA."""
 
-    CUDA's caching host allocator (``pin_memory``, ``empty(pin_memory=True)``) rounds every
-    allocation up to a power of two, so pinning each host block on its own could take up to twice
-    the bytes the plan counted. The arena is one pageable allocation page-locked in place with
-    cudaHostRegister: exactly ``nbytes``. It is unregistered by ``close()`` (the executor's),
-    after the streams have drained. Without CUDA it is plain memory.
-    """
-
-    def __init__(self, nbytes: int, pinned: bool):
-        self.buf = torch.empty(nbytes, dtype=torch.uint8)
-        self.pinned = pinned and nbytes > 0
+    def __init__(self, nbytes: int):
+        self.buf = backend.empty_pinned(nbytes)
         self._pos = 0
-        if self.pinned:
-            cudart = torch.cuda.cudart()
-            torch.cuda.check_error(cudart.cudaHostRegister(self.buf.data_ptr(), nbytes, 0))
 
     @staticmethod
     def size(parts: list[int]) -> int:
@@ -107,11 +99,6 @@ class HostArena:
             )
         self._pos = end
         return self.buf[start : start + nbytes]
-
-    def close(self) -> None:
-        if self.pinned:
-            torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr()))
-            self.pinned = False
 
 
 class BudgetExceededError(RuntimeError):

@@ -228,3 +228,35 @@ def test_gpu_compression_at_dispatch_fits_the_budget_not_the_free_memory(monkeyp
     assert not api._encode_on_device(ans, 10**7, 2, budget=10**8 + need - 1)
     assert not api._encode_on_device(ans, 10**7, 2, budget=None)  # a CPU dispatch
     assert not api._encode_on_device(CodecConfig(codec="zstd"), 10, 2, budget=10**12)
+
+
+def test_pinned_buffers_are_the_size_asked_and_unpinned_when_freed(monkeypatch):
+    """torch's pinned allocator rounds up to powers of two (up to 2x the planned host bytes);
+    empty_pinned page-locks exactly nbytes in place and unlocks it when the last view is gone.
+    The CUDA runtime is stood in for by a recorder (no GPU here)."""
+    from neuzip_offload import backend
+
+    calls = []
+
+    class Runtime:
+        def cudaHostRegister(self, ptr, size, flags):  # noqa: N802 (the CUDA name)
+            calls.append(("register", ptr, size))
+            return 0
+
+        def cudaHostUnregister(self, ptr):  # noqa: N802
+            calls.append(("unregister", ptr))
+            return 0
+
+    monkeypatch.setattr(backend, "has_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Runtime())
+    monkeypatch.setattr(torch.cuda, "check_error", lambda rc: None)
+    buf = backend.empty_pinned(3 * 2**20 + 5)  # torch's allocator would take 4 MiB
+    ptr = buf.data_ptr()
+    assert buf.numel() == 3 * 2**20 + 5 and calls == [("register", ptr, 3 * 2**20 + 5)]
+    view = buf.view(torch.uint8)[16:32]
+    del buf
+    gc.collect()
+    assert calls[-1][0] == "register"  # a view still uses the memory: still locked
+    del view
+    gc.collect()
+    assert calls[-1] == ("unregister", ptr)
