@@ -60,13 +60,20 @@ def empty_pinned(nbytes: int) -> torch.Tensor:
     up to twice the bytes asked for; optimizer state, host-tier blocks and staging would pay that.
     So a plain allocation is page-locked in place with cudaHostRegister, and unlocked when its
     storage is freed (the callback runs before the memory is returned)."""
-    t = torch.empty(nbytes, dtype=torch.uint8)
     if not has_cuda() or nbytes == 0:
-        return t
-    ptr = t.data_ptr()
-    torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
-    weakref.finalize(t.untyped_storage(), _unregister, ptr)
-    return t
+        return torch.empty(nbytes, dtype=torch.uint8)
+    # Registration locks whole pages, and two registrations may not share a page: lock only
+    # pages of our own, the aligned middle of an allocation with a page to spare at each end.
+    span = -(-nbytes // _PAGE) * _PAGE
+    whole = torch.empty(span + 2 * _PAGE, dtype=torch.uint8)
+    start = -whole.data_ptr() % _PAGE
+    ptr = whole.data_ptr() + start
+    torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(ptr, span, 0))
+    weakref.finalize(whole.untyped_storage(), _unregister, ptr)
+    return whole[start : start + nbytes]
+
+
+_PAGE = 4096
 
 
 def _unregister(ptr: int) -> None:
