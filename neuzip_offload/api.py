@@ -37,9 +37,9 @@ from .modules import CompressedModule, Piece, kind_of
 from .scheduler.executor import BlockData, Executor
 from .scheduler.plan import BlockSpec, Plan, PlanError, PlanOptions, make_plan
 from .scheduler.tiers import PackedLayout, pread_into, slot_layout
+from .workers import shared_pool
 
 log = logging.getLogger(__name__)
-
 
 
 class DispatchError(ValueError):
@@ -206,7 +206,7 @@ class Dispatched:
     swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]]  # (parent, attr, original, new)
     hooks: list = field(default_factory=list)
     moved: list[tuple[torch.Tensor, torch.device]] = field(default_factory=list)
-    pool: ThreadPoolExecutor | None = None
+    pool: ThreadPoolExecutor | None = None  # the process's shared pool (workers.py)
     mantissa_bits: dict[str, int | None] = field(default_factory=dict)
     locations: dict[str, dict] = field(default_factory=dict)  # piece key → planes on disk
     trainer: object | None = None  # the fused optimizer's runtime (dispatch(trainable=True))
@@ -528,7 +528,7 @@ def dispatch(
         model, run, max_block_bytes, granularity, bits, on_disk=False, trainable=trainable
     )
     _refuse_hopeless(model, run, weights, roots, dtype, trainable)
-    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    pool = shared_pool()
     bits: dict[str, int | None] = {}  # k per tensor, when target_bits chose them
     if checkpoint is not None:
         compressed = _compress_from_files(model, weights, checkpoint, run.cfg, pool, progress)
@@ -759,23 +759,18 @@ def _finish(
         w.param = None  # the compressed copies are the truth now
     blocks, specs = _blocks(weights, compressed, locations, run.dev)
     dev = run.dev
-    try:
+    options = _plan_options(model, run, resident, bool(locations), weights, bool(training))
+    plan = make_plan(specs, options)  # fits: so does timing one block (see calibrate.py)
+    if dev.type == "cuda" and run.decode_rate.source == "default":
+        run.decode_rate = _calibrate.measured_rate(blocks, specs, dev, run.cfg)
         options = _plan_options(model, run, resident, bool(locations), weights, bool(training))
-        plan = make_plan(specs, options)  # fits: so does timing one block (see calibrate.py)
-        if dev.type == "cuda" and run.decode_rate.source == "default":
-            run.decode_rate = _calibrate.measured_rate(blocks, specs, dev, run.cfg)
-            options = _plan_options(model, run, resident, bool(locations), weights, bool(training))
-            plan = make_plan(specs, options)
-    except Exception:
-        pool.shutdown()
-        raise
+        plan = make_plan(specs, options)
     log.info("neuzip plan:\n%s", plan)
     restore = _release_device_originals(weights, compressed)
     try:
         executor = Executor(plan, blocks, dev, pool=pool, log_events=run.log_events)
     except Exception:
         restore()
-        pool.shutdown()
         raise
     handle = Dispatched(
         plan,
@@ -999,7 +994,7 @@ def load(
     bits = 8 * ck.compressed_bytes() / max(n_params, 1)
     weights, roots = _granular(model, run, None, granularity, bits, on_disk=True)
     compressed, locations = {}, {}
-    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    pool = shared_pool()
     for w in weights:
         entry = _entry_for(ck, w)
         w.dtype = getattr(torch, entry.dtype)
@@ -1397,7 +1392,5 @@ def undispatch(model: nn.Module) -> nn.Module:
         setattr(parent, attr, original)
     for t, device in handle.moved:
         t.data = t.data.to(device)
-    if handle.pool is not None:
-        handle.pool.shutdown()
     del model.neuzip
     return model

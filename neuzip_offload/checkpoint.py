@@ -25,10 +25,9 @@ import os
 import re
 import shutil
 import struct
-import sys
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from .codec import compress_many
 from .compressed import PLANE_NAMES, CompressedTensor, DamagedDataError, Header
 from .config import CodecConfig
 from .scheduler.tiers import PlaneLocation, pread_into
+from .workers import process_context, shared_pool, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +263,12 @@ def _torch_dtype(st: str) -> torch.dtype:
 
 
 def _atomic_write_json(path: Path, obj) -> None:
+    """Write, flush to disk, then rename: a crash leaves the old file or the new one, whole."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -463,7 +467,7 @@ def _convert_shard(shard: Path, out_name, cfg, dtype, max_piece_bytes, pool, bar
         groups[i].append(name)
         load[i] += sizes[name]
     result = _ShardResult({}, {}, {})
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as procs:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=process_context()) as procs:
         futures = [
             procs.submit(_encode_group, shard, g, out_name, cfg, dtype, max_piece_bytes)
             for g in groups
@@ -593,7 +597,7 @@ def convert(
         weights[s] = sum(math.prod(v["shape"]) for v in items)
         nbytes[s] = sum(math.prod(v["shape"]) * _ST_DTYPES.get(v["dtype"], 4) for v in items)
     if workers is None:
-        workers = (os.cpu_count() or 1) if sum(nbytes.values()) > 64 * 2**20 else 1
+        workers = usable_cpus() if sum(nbytes.values()) > 64 * 2**20 else 1
     bar = tqdm(
         total=sum(weights.values()),
         desc="compressing",
@@ -637,7 +641,7 @@ def convert(
     args = (cfg, dtype, max_piece_bytes)
     if workers > 1 and len(todo) > 1:  # whole shards side by side
         with ProcessPoolExecutor(
-            max_workers=min(workers, len(todo)), mp_context=_mp_context()
+            max_workers=min(workers, len(todo)), mp_context=process_context()
         ) as procs:
             futures = {
                 procs.submit(_convert_file, s, dst / out_names[s], *args, 1): s for s in todo
@@ -651,18 +655,13 @@ def convert(
     return _finish(dst, settings, entries, src if src.is_dir() else src.parent)
 
 
-def _mp_context():
-    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-
-
 def _convert_file(shard: Path, out: Path, cfg, dtype, max_piece_bytes, workers: int) -> dict:
     """One input shard → one output shard on disk (atomically); returns its entries as JSON."""
     if multiprocessing.parent_process() is not None:
         torch.set_num_threads(1)  # one process per core
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        result = _convert_shard(
-            shard, out.name, cfg, dtype, max_piece_bytes, pool, _NoBar(), workers
-        )
+    result = _convert_shard(
+        shard, out.name, cfg, dtype, max_piece_bytes, shared_pool(), _NoBar(), workers
+    )
     _atomic_save(result.tensors, result.metadata, out)
     return {k: e.to_json() for k, e in result.entries.items()}
 
@@ -736,31 +735,31 @@ def save_compressed(
     )
     entries: dict[str, Entry] = {}
     width = len(str(len(groups)))
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for i, group in enumerate(groups):
-            shard = f"neuzip-{i + 1:0{width}d}-of-{len(groups):0{width}d}.safetensors"
-            tensors: dict[str, torch.Tensor] = {}
-            metadata: dict[str, str] = {}
-            for n in (n for n in group if n in ready):
-                w = ready[n]
-                for key, _, _ in w.pieces:
-                    h, planes = handle.compressed_tensor(key).state()
-                    metadata[key] = h
-                    tensors.update({f"{key}::{k}": p.contiguous() for k, p in planes.items()})
-                entries[n] = Entry(
-                    n,
-                    "compressed",
-                    tuple(w.shape),
-                    str(w.dtype)[6:],
-                    pieces=[(k, shard, a, b) for k, a, b in w.pieces],
-                )
-                bar.update(weights_of[n])
-            todo = ((n, state[n]) for n in group if n not in ready)
-            result = _compress_shard(todo, shard, cfg, None, max_piece_bytes, pool, bar)
-            tensors.update(result.tensors)
-            metadata.update(result.metadata)
-            entries.update(result.entries)
-            _atomic_save(tensors, metadata, out / shard)
+    pool = shared_pool()
+    for i, group in enumerate(groups):
+        shard = f"neuzip-{i + 1:0{width}d}-of-{len(groups):0{width}d}.safetensors"
+        tensors: dict[str, torch.Tensor] = {}
+        metadata: dict[str, str] = {}
+        for n in (n for n in group if n in ready):
+            w = ready[n]
+            for key, _, _ in w.pieces:
+                h, planes = handle.compressed_tensor(key).state()
+                metadata[key] = h
+                tensors.update({f"{key}::{k}": p.contiguous() for k, p in planes.items()})
+            entries[n] = Entry(
+                n,
+                "compressed",
+                tuple(w.shape),
+                str(w.dtype)[6:],
+                pieces=[(k, shard, a, b) for k, a, b in w.pieces],
+            )
+            bar.update(weights_of[n])
+        todo = ((n, state[n]) for n in group if n not in ready)
+        result = _compress_shard(todo, shard, cfg, None, max_piece_bytes, pool, bar)
+        tensors.update(result.tensors)
+        metadata.update(result.metadata)
+        entries.update(result.entries)
+        _atomic_save(tensors, metadata, out / shard)
     bar.close()
     if config is not None and hasattr(config, "to_json_file"):
         config.to_json_file(str(out / "config.json"))

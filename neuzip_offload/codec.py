@@ -9,9 +9,8 @@ decoder produce symbols that the plane merge turns into floats.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 
 import torch
 import zstandard
@@ -21,6 +20,7 @@ from . import compressed as fmt
 from .compressed import CompressedTensor, DamagedDataError, Header
 from .config import CodecConfig
 from .kernels import HAS_TRITON, ans, planes, zstd
+from .workers import shared_pool
 
 log = logging.getLogger(__name__)
 
@@ -457,18 +457,13 @@ def decompress_many(
     host_zstd = [
         i for i, ct in enumerate(cts) if ct.codec == "zstd" and flat[i].device.type == "cpu"
     ]
-    own = None
     if pool is None and host_zstd:
-        own = pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-    try:
-        # every frame of every tensor is queued first; merging follows in order, in this thread
-        started = [(i, *_zstd_frames(cts[i], pool)) for i in host_zstd]
-        for i, symbols, frames in started:
-            _finish_zstd(cts[i], flat[i], frames, symbols, triton_path=False)
-        for i, ct in enumerate(cts):
-            if i not in cpu_ans and i not in host_zstd:
-                decompress(ct, flat[i], pool=pool, verify=False)  # checked above
-    finally:
-        if own is not None:
-            own.shutdown()
+        pool = shared_pool()
+    # every frame of every tensor is queued first; merging follows in order, in this thread
+    started = [(i, *_zstd_frames(cts[i], pool)) for i in host_zstd]
+    for i, symbols, frames in started:
+        _finish_zstd(cts[i], flat[i], frames, symbols, triton_path=False)
+    for i, ct in enumerate(cts):
+        if i not in cpu_ans and i not in host_zstd:
+            decompress(ct, flat[i], pool=pool, verify=False)  # checked above
     return [o.view(ct.shape) for o, ct in zip(flat, cts, strict=True)]
