@@ -32,7 +32,7 @@ from .calibrate import DecodeRate
 from .codec import compress_many, decompress
 from .compressed import CompressedTensor
 from .config import CodecConfig
-from .kernels import HAS_TRITON
+from .kernels import HAS_TRITON, planes
 from .modules import CompressedModule, Piece, kind_of
 from .scheduler.executor import BlockData, Executor
 from .scheduler.plan import BlockSpec, Plan, PlanError, PlanOptions, make_plan
@@ -556,8 +556,13 @@ def estimated_bits(
     exponent (measured on MiniLM and SmolLM2, BENCHMARKS.md) and the index."""
     if mode == "lossy":
         return 1 + mantissa_bits + 2.65 + 7 / block_size + 0.03
-    raw = {torch.bfloat16: 8, torch.float16: 10, torch.float32: 24}[dtype]
-    return raw + 2.65 + 0.03
+    return _raw_bits(dtype) + 2.65 + 0.03
+
+
+def _raw_bits(dtype: torch.dtype) -> int:
+    """Bits per weight a lossless plane keeps uncoded (sign and mantissa), from the format."""
+    layout = planes.lossless_layout(dtype)
+    return 8 * layout.raw_bytes + layout.field_bits
 
 
 def _estimated_specs(weights, roots, dev, bits: float, on_disk: bool) -> list[BlockSpec]:
@@ -670,7 +675,7 @@ def _refuse_hopeless(model, run: _Run, weights, roots, dtype, trainable: bool) -
     budget refused here is refused by every real plan too. The error's minimum_device_bytes is
     then that of sizes at their ceiling (exponents stored whole): a budget that surely fits."""
     cfg = run.cfg
-    raw = 1 + cfg.mantissa_bits if cfg.mode == "lossy" else 8 * dtype.itemsize - 8
+    raw = 1 + cfg.mantissa_bits if cfg.mode == "lossy" else _raw_bits(dtype)
     try:
         _estimated_plan(model, run, weights, roots, raw, False, trainable)
     except PlanError as e:
