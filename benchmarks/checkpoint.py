@@ -93,10 +93,10 @@ def main() -> None:
 
         (work / "l70").mkdir()
         (work / "l70" / "config.json").write_text(json.dumps(bundled.LLAMA3_70B_CONFIG))
-        from neuzip_offload.api import _model_from_config
+        from neuzip_offload.api import model_from_config
 
         t = time.perf_counter()
-        model = _model_from_config(work / "l70", torch.bfloat16)
+        model = model_from_config(work / "l70", torch.bfloat16)
         print("\n3. Llama-3-70B from its config, 8 GB GPU, 64 GB host, PCIe 25 GB/s, disk 3 GB/s")
         print(
             "| mode | stored GB | bits/weight | host GB | disk GB | GB/token PCIe | GB/token disk "

@@ -19,7 +19,7 @@ import torch
 
 import neuzip_offload as nzo
 from neuzip_offload import bundled
-from neuzip_offload.api import _model_from_config
+from neuzip_offload.api import model_from_config
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(bundled.LLAMA3_70B_CONFIG))
         t = time.perf_counter()
-        model = _model_from_config(Path(tmp), torch.bfloat16)
+        model = model_from_config(Path(tmp), torch.bfloat16)
         for label, kw in (
             ("lossless", {}),
             ("lossy k=3", {"mode": "lossy", "mantissa_bits": 3}),

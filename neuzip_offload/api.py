@@ -36,7 +36,8 @@ from .kernels import HAS_TRITON, planes
 from .modules import CompressedModule, Piece, kind_of
 from .scheduler.executor import BlockData, Executor
 from .scheduler.plan import BlockSpec, Plan, PlanError, PlanOptions, make_plan
-from .scheduler.tiers import PackedLayout, pread_into, slot_layout
+from .scheduler.tiers import PackedLayout, slot_layout
+from .storage import pread_into
 from .workers import shared_pool
 
 log = logging.getLogger(__name__)
@@ -807,9 +808,9 @@ def _finish(
             if any(p.key in trained or p.key.split("[")[0] in trained for p in new.pieces):
                 object.__setattr__(new, "_trainer", handle.trainer)
     model.neuzip = handle
-    from .training import _return_freed_memory
+    from .training import return_freed_memory
 
-    _return_freed_memory()  # the original weights and the encoder's scratch are gone
+    return_freed_memory()  # the original weights and the encoder's scratch are gone
     return model
 
 
@@ -859,12 +860,12 @@ def _compress_from_files(model, weights, checkpoint, cfg, pool, progress) -> dic
     """Stream a Hugging Face safetensors checkpoint: compress the weights, place the rest."""
     from safetensors import safe_open
 
-    from .checkpoint import _source_shards
+    from .checkpoint import source_shards
 
     by_name = _weight_names(weights)
     pending = {w.key: w for w in weights}
     compressed: dict[str, CompressedTensor] = {}
-    for shard in _source_shards(Path(checkpoint)):
+    for shard in source_shards(Path(checkpoint)):
         with safe_open(str(shard), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 w = by_name.get(name)
@@ -904,7 +905,9 @@ def _check_materialized(model: nn.Module, weights: list[_Weight]) -> None:
         )
 
 
-def _model_from_config(path: Path, dtype: torch.dtype) -> nn.Module:
+def model_from_config(path: Path, dtype: torch.dtype) -> nn.Module:
+    """The causal LM a folder's config.json describes, built on the meta device (no weights
+    allocated): what load() fills from a checkpoint and plan_model() plans from a config."""
     if not (path / "config.json").exists():
         raise DispatchError(f"{path} has no config.json: pass model= (built on the meta device)")
     from accelerate import init_empty_weights
@@ -958,7 +961,7 @@ def load(
     first = next((e for e in ck.entries.values() if e.kind == "compressed"), None)
     dtype = getattr(torch, first.dtype) if first is not None else torch.bfloat16
     if model is None:
-        model = _model_from_config(ck.path, dtype)
+        model = model_from_config(ck.path, dtype)
     _check_model(model, allow_meta=True)
     _tie(model)
     run = _resolve(

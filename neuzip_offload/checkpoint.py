@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .codec import compress_many
 from .compressed import PLANE_NAMES, CompressedTensor, DamagedDataError, Header
 from .config import CodecConfig
-from .scheduler.tiers import PlaneLocation, pread_into
+from .storage import PlaneLocation, pread_into
 from .workers import process_context, shared_pool, usable_cpus
 
 log = logging.getLogger(__name__)
@@ -483,7 +483,7 @@ def _convert_shard(shard: Path, out_name, cfg, dtype, max_piece_bytes, pool, bar
     return result
 
 
-def _source_shards(src: Path) -> list[Path]:
+def source_shards(src: Path) -> list[Path]:
     """The safetensors files of a Hugging Face model directory (sharded or single)."""
     if src.is_file():
         return [src]
@@ -581,7 +581,7 @@ def convert(
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive int or None, got {workers!r}")
     cfg = CodecConfig(mode=mode, codec=codec, mantissa_bits=mantissa_bits, block_size=block_size)
-    shards = _source_shards(src)
+    shards = source_shards(src)
     headers = [read_safetensors_header(s)[0] for s in shards]
     if max_piece_bytes is None:
         max_piece_bytes = _layer_bytes(headers) or DEFAULT_PIECE_BYTES

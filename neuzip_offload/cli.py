@@ -169,7 +169,7 @@ def plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import neuzip_offload as nzo
-    from neuzip_offload.api import _model_from_config
+    from neuzip_offload.api import model_from_config
     from neuzip_offload.checkpoint import INDEX_NAME, Checkpoint
 
     t = time.perf_counter()
@@ -196,7 +196,7 @@ def plan(args: argparse.Namespace) -> int:
         ]
     config = json.loads((folder / "config.json").read_text())
     dtype = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"))
-    model = _model_from_config(folder, dtype)
+    model = model_from_config(folder, dtype)
     built = time.perf_counter() - t
     for label, kw in cases:
         p = nzo.plan_model(

@@ -199,7 +199,7 @@ class Trainer:
         # The step's device → host copies (optimizer state, sums, re-encoded planes) end shortly
         # after its last update: wait once, so the host may read any of them from here on.
         self.mover.synchronize()
-        _return_freed_memory()
+        return_freed_memory()
 
     # -- the update of a compressed weight -------------------------------------------------------
     def _apply_compressed(self, key: str, grad: torch.Tensor) -> None:
@@ -252,7 +252,7 @@ def _libc():
 _LIBC = _libc() if sys.platform.startswith("linux") else None
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand the heap memory freed during the step back to the OS (glibc keeps it otherwise:
     re-encoding every weight each step leaves many freed blocks, measured +300-500 MB of RSS
     on SmolLM2 without this)."""

@@ -30,6 +30,7 @@ import torch
 from neuzip_offload import backend
 from neuzip_offload.codec import decode_into, decompress_many
 from neuzip_offload.compressed import CompressedTensor
+from neuzip_offload.storage import PlaneLocation
 
 from .plan import DEVICE, DEVICE_COMPRESSED, DISK, HOST, Plan
 from .streams import Streams
@@ -38,7 +39,6 @@ from .tiers import (
     BudgetExceededError,
     HostArena,
     PackedLayout,
-    PlaneLocation,
     SlotEntry,
     bind,
     pack,
@@ -244,8 +244,7 @@ class Executor:
         )
         if plan.n_disk_staging:
             self._reads = [
-                _Read(self._arena.take(plan.disk_staging_bytes))
-                for _ in range(plan.n_disk_staging)
+                _Read(self._arena.take(plan.disk_staging_bytes)) for _ in range(plan.n_disk_staging)
             ]
             self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuzip-disk")
         for i, (data, spec, tier) in enumerate(zip(blocks, plan.blocks, plan.tiers, strict=True)):
@@ -278,9 +277,7 @@ class Executor:
             elif tier == HOST and (self.copies or data.locations is not None):
                 spare = layout.nbytes // grow if grow else 0
                 b.host_region = self._arena.take(layout.nbytes + spare)
-                b.host_buf, b.cts = self._host_copy(
-                    data, layout, lambda n, r=b.host_region: r[:n]
-                )
+                b.host_buf, b.cts = self._host_copy(data, layout, lambda n, r=b.host_region: r[:n])
             # (HOST on the CPU backend: the tensors as they are — nothing is copied from them)
             self._blocks.append(b)
         if self.copies:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from neuzip_offload import backend
 from neuzip_offload.compressed import PLANE_NAMES, CompressedTensor, DamagedDataError, planes_crc
+from neuzip_offload.storage import PlaneLocation, pread_into
 
 log = logging.getLogger(__name__)
 
@@ -28,24 +27,6 @@ SLOT_ALIGN = 256
 
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
-
-
-@dataclass(frozen=True)
-class PlaneLocation:
-    """Where a plane's bytes sit in a file (a checkpoint shard)."""
-
-    path: Path
-    offset: int  # absolute, in bytes
-    nbytes: int
-
-
-def pread_into(loc: PlaneLocation, out: torch.Tensor) -> None:
-    """Read a plane from disk straight into ``out`` (uint8, CPU, e.g. a pinned buffer)."""
-    view = memoryview(out.numpy()).cast("B")
-    with open(loc.path, "rb", buffering=0) as f:
-        got = os.preadv(f.fileno(), [view], loc.offset)
-    if got != loc.nbytes:
-        raise DamagedDataError(f"{loc.path.name}: truncated: read {got} of {loc.nbytes} bytes")
 
 
 def read_packed(
