@@ -47,6 +47,26 @@ def test_wrong_types_are_refused():
         parse_size(-5, "max_gpu_mem")
 
 
-def test_helpers():
+def test_format_size():
     assert format_size(3 * 2**30) == "3.00 GiB"
-    assert host_available() > 0
+    assert format_size(1536) == "1.50 KiB"
+    assert format_size(1023) == "1023 B"
+
+
+@pytest.mark.parametrize(
+    ("available", "expected"),
+    [
+        (100 * 2**30, 90 * 2**30),  # 10% headroom above 10 GiB
+        (5 * 2**30, 4 * 2**30),  # at least 1 GiB of headroom
+        (2**29, 0),  # less than the headroom: nothing, never negative
+    ],
+)
+def test_host_available_keeps_headroom(monkeypatch, available, expected):
+    import types
+
+    from neuzip_offload import budget
+
+    monkeypatch.setattr(
+        budget.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=available)
+    )
+    assert host_available() == expected

@@ -43,6 +43,11 @@ def test_damaged_frame_raises():
     stream, offsets = zstd.encode(sym, 1024)
     stream[int(offsets[1]) + 3] ^= 0xFF
     out = torch.empty(3000, dtype=torch.uint8)
-    with pytest.raises(Exception):  # noqa: B017 - zstd's own error or ours, either names the frame
+    # byte 3 of frame 1 is its frame descriptor: zstd itself refuses the frame
+    with pytest.raises(zstandard.ZstdError, match="frame descriptor"):
         list(zstd.decode(stream, offsets, out, 1024))
+    # an intact frame that holds more symbols than its slot: our own size check names it
+    good, good_offsets = zstd.encode(sym, 1024)
+    with pytest.raises(ValueError, match="frame 0 does not hold exactly 1000 symbols"):
+        list(zstd.decode(good, good_offsets, out, 1000))
     assert "offsets" in zstd.validate(stream, offsets.flip(0), 3000, 1024)
