@@ -370,3 +370,46 @@ def test_bench_helpers_export_models_transformers_cannot(tmp_path):
     bundled.export_safetensors(model, tmp_path / "exp", max_shard_bytes=100_000)
     assert len(list((tmp_path / "exp").glob("*.safetensors"))) > 1
     assert os.path.exists(tmp_path / "exp" / "config.json")
+
+
+def test_one_shard_split_among_worker_processes_gives_the_same_files(tmp_path):
+    """A single shard is divided among processes by size (checkpoint._convert_shard); the files
+    and index equal those of one process, byte for byte."""
+    src = tmp_path / "hf"
+    tiny_llama(layers=3).save_pretrained(src)  # one shard
+    assert len(list(src.glob("*.safetensors"))) == 1
+    one = nzo.convert(src, tmp_path / "one", workers=1, progress=False)
+    two = nzo.convert(src, tmp_path / "two", workers=2, progress=False)
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in two.iterdir())
+    for name in names:
+        if name.endswith((".safetensors", ".json")) and "progress" not in name:
+            assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+def test_load_with_offload_dir_reads_its_disk_tier_from_the_copy(tmp_path):
+    """load(offload_dir=) copies the shards the disk tier reads to a (faster) folder and reads
+    them from there: outputs are exact, and damaging the original does not matter."""
+    model = tiny_llama(layers=4)
+    src = _hf_dir(tmp_path, model)
+    ids = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = _reference(src)(ids).logits  # built as load() builds it, from the config
+    out = nzo.convert(src, tmp_path / "nz", progress=False)
+    fast = tmp_path / "fast"
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    loaded = nzo.load(
+        out,
+        max_gpu_mem=int(0.5 * size),
+        max_cpu_mem=Checkpoint(out).compressed_bytes() // 2,
+        reserve=0,
+        prefetch=1,
+        offload_dir=fast,
+        progress=False,
+    )
+    assert DISK in loaded.neuzip.plan.tiers
+    for shard in out.glob("*.safetensors"):  # the originals are no longer read
+        shard.write_bytes(b"\0" * shard.stat().st_size)
+    assert any(fast.glob("*.safetensors"))
+    with torch.no_grad():
+        assert same_bits(loaded(ids).logits, ref)
