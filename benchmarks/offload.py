@@ -25,14 +25,14 @@ import torch
 
 import neuzip_offload as nzo
 from neuzip_offload import bundled, evaluate
-from neuzip_offload.scheduler.plan import DEVICE, DEVICE_COMPRESSED
+from neuzip_offload.scheduler.plan import DEVICE
 
 
 def codec_seconds(model) -> float:
     """The codec alone: decode what one forward decodes, into preallocated buffers."""
     ex = model.neuzip.executor
-    blocks = [b for b in ex._blocks if b.tier != DEVICE]
-    cts = [b.dev_cts if b.tier == DEVICE_COMPRESSED else b.cts for b in blocks]
+    blocks = [b for b in ex.blocks() if b.tier != DEVICE]
+    cts = [list(b.cts) for b in blocks]
     outs = [[torch.empty(ct.numel, dtype=ct.dtype) for ct in c] for c in cts]
     uses = {i: ex.order.count(b.index) for i, b in enumerate(blocks)}
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:

@@ -101,7 +101,7 @@ def main() -> None:
         (
             f"live tensors after {first_tokens} and after {generated} generated tokens",
             f"{alive_first} -> {alive_last}",
-            f"pending timings {len(ex._timings)}; event log {events_first} -> {len(ex.events)} "
+            f"pending timings {ex.pending_timings()}; event log {events_first} -> {len(ex.events)} "
             f"entries (capped at {nzo.scheduler.executor.LOG_LIMIT}); goal: bounded",
         )
     )

@@ -76,10 +76,8 @@ CHILD = textwrap.dedent("""
         peaks.append(peak[0] - base_rss)
     state = opt.state_bytes()
     if config == "ours":
-        plan = model.neuzip.plan
         host = sum(ct.nbytes for k, ct in model.neuzip.compressed.items()
-                   if plan.tier_of(next(b.name for b in model.neuzip.executor._blocks
-                                        if k in b.keys)) != "device")
+                   if model.neuzip.executor.tier_of(k) != "device")
         weights = host + model.neuzip.stats["peak_held_bytes"]
     else:
         weights = size

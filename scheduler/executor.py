@@ -85,6 +85,22 @@ class _Block:
     resident: dict[str, torch.Tensor] | None = None
 
 
+@dataclass(frozen=True)
+class BlockView:
+    """What tests, benchmarks and tools may read of a block; the executor's state stays its own.
+
+    ``cts``: the block's compressed tensors where their bytes are now (on the device for the
+    device-compressed tier, in pinned or plain host memory for the host tier, placeholders
+    for the disk and the resident decoded tiers)."""
+
+    index: int
+    name: str
+    tier: str
+    keys: tuple[str, ...]
+    packed_nbytes: int  # bytes of one copy of its packed planes
+    cts: tuple[CompressedTensor, ...]
+
+
 @dataclass
 class _Slot:
     buf: torch.Tensor
@@ -393,6 +409,46 @@ class Executor:
                 f"{self.plan.options.scratch_bytes} (a planner bug)"
             )
         return self.accountant.transient(purpose, nbytes)
+
+    # -- introspection (a read-only view for tests, benchmarks and tools) ----------------------
+    def blocks(self) -> list[BlockView]:
+        """Every block, in module order."""
+        return [
+            BlockView(
+                b.index,
+                b.name,
+                b.tier,
+                tuple(b.keys),
+                b.layout.nbytes,
+                tuple(b.dev_cts if b.dev_cts is not None else b.cts),
+            )
+            for b in self._blocks
+        ]
+
+    def tier_of(self, key: str) -> str:
+        """The tier of the block that holds weight ``key``."""
+        return self._blocks[self._block_of[key]].tier
+
+    def device_buffers(self) -> list[torch.Tensor]:
+        """The device memory this executor allocated: slots, staging, the decode workspace,
+        resident decoded weights and resident compressed planes (for checks that walk real
+        allocations instead of trusting the accountant)."""
+        out = [s.buf for s in self._slots] + [s.buf for s in self._staging]
+        if self._workspace is not None:
+            out.append(self._workspace)
+        for b in self._blocks:
+            out += list((b.resident or {}).values())
+            out += [p for ct in b.dev_cts or [] for p in ct.planes.values()]
+        return out
+
+    def pending_timings(self) -> int:
+        """Device decodes whose duration has not been read yet (only those in flight)."""
+        return len(self._timings)
+
+    def damage_counts(self) -> torch.Tensor | None:
+        """Per block, damaged chunks met by device decodes since the last check (a copy; None
+        while no device decoder has run)."""
+        return None if self._damage is None else self._damage.clone()
 
     def block_index(self, key: str) -> int:
         return self._block_of[key]

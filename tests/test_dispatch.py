@@ -305,14 +305,14 @@ def test_embedding_pieces_look_up_without_host_synchronization(monkeypatch):
 def test_embedding_pieces_join_the_order_and_are_prefetched():
     model, emb, _ = _embedding_in_pieces()
     ex = model.neuzip.executor
-    pieces = {ex._blocks[p.block].name for p in emb.pieces}
+    pieces = {ex.blocks()[p.block].name for p in emb.pieces}
     ids = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         model(ids)  # records the order
         assert [p.block for p in emb.pieces] == [
             b for b in ex.order if b in {p.block for p in emb.pieces}
         ]
-        first = ex._blocks[ex.order[0]].name  # the recording forward did not prefetch it
+        first = ex.blocks()[ex.order[0]].name  # the recording forward did not prefetch it
         for allowed in ({first}, set()):  # from the third forward on: no miss at all
             ex.events.clear()
             model(torch.full((1, 6), 1))  # one piece holds every id: all are still entered

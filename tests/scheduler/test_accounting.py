@@ -145,7 +145,7 @@ def test_device_decode_damage_is_raised_at_the_end_of_the_forward(monkeypatch):
     plan = make_plan(specs, replace(o, device_bytes=e.value.minimum_device_bytes))
     ex = Executor(plan, blocks, torch.device("cpu"))
     ex.per_tensor_decode = True
-    streamed = [b for b in ex._blocks if b.tier != DEVICE]
+    streamed = [b for b in ex.blocks() if b.tier != DEVICE]
     assert streamed
     victim = streamed[0]
     exp = victim.cts[0].planes["exp"]
@@ -194,8 +194,9 @@ def test_runtime_objects_do_not_pile_up_over_many_forwards(monkeypatch):
     for _ in range(20):
         forward()
     assert alive() <= first
-    assert ex._damage is not None and int(ex._damage.sum()) == 0  # statuses were folded in
-    assert len(ex._timings) == 0 and ex.stats.fetches >= 25
+    damage = ex.damage_counts()
+    assert damage is not None and int(damage.sum()) == 0  # statuses were folded in
+    assert ex.pending_timings() == 0 and ex.stats.fetches >= 25
     ex.close()
 
 

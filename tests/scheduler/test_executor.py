@@ -37,8 +37,8 @@ def test_when_block_j_runs_the_next_blocks_have_been_requested(prefetch):
         model(ids)  # the first forward records the order
         start = len(ex.events)
         model(ids)
-    order = [ex._blocks[i].name for i in ex.order]
-    streamed = {b.name for b in ex._blocks if b.tier == HOST}
+    order = [ex.blocks()[i].name for i in ex.order]
+    streamed = {b.name for b in ex.blocks() if b.tier == HOST}
     events = list(ex.events)
     checked = 0
     for pos in range(start, len(events)):
@@ -63,14 +63,7 @@ def test_when_block_j_runs_the_next_blocks_have_been_requested(prefetch):
 def _device_storages(model, ex) -> dict[int, int]:
     """What the executor and the model really hold in "device" memory, found by walking their
     buffers (not from the Accountant): {storage address: bytes}, each storage counted once."""
-    tensors = list(model.parameters())  # the weights left uncompressed
-    tensors += [s.buf for s in ex._slots] + [s.buf for s in ex._staging]
-    if ex._workspace is not None:
-        tensors.append(ex._workspace)
-    for b in ex._blocks:
-        tensors += list((b.resident or {}).values())
-        for ct in b.dev_cts or []:
-            tensors += list(ct.planes.values())
+    tensors = list(model.parameters()) + ex.device_buffers()  # the weights left uncompressed
     out: dict[int, int] = {}
     for t in tensors:
         st = t.untyped_storage()
@@ -97,7 +90,7 @@ def test_the_budget_holds_at_every_step():
     with torch.no_grad():
         for _ in range(3):
             model(torch.randint(0, 1000, (2, 7)))
-    assert len(handed_out) >= 3 * sum(len(b.keys) for b in ex._blocks)
+    assert len(handed_out) >= 3 * sum(len(b.keys) for b in ex.blocks())
     outside = [key for key, ptr in handed_out if ptr not in storages]
     assert not outside, outside
     assert _device_storages(model, ex) == storages  # nothing was reallocated by the forwards
@@ -109,7 +102,7 @@ def test_recorded_order_follows_the_forward():
     assert ex.order is None
     with torch.no_grad():
         model(torch.randint(0, 1000, (1, 4)))
-    names = [ex._blocks[i].name for i in ex.order]
+    names = [ex.blocks()[i].name for i in ex.order]
     layer_names = [n for n in names if n.startswith("model.layers.")]
     assert layer_names == [f"model.layers.{i}" for i in range(6)]
     assert names[-1].startswith("lm_head")  # the untied head runs last
@@ -118,7 +111,7 @@ def test_recorded_order_follows_the_forward():
 def test_weights_outside_their_block_are_refused():
     model, _ = _dispatched(prefetch=1)
     ex = model.neuzip.executor
-    streamed = next(b for b in ex._blocks if b.tier == HOST)
+    streamed = next(b for b in ex.blocks() if b.tier == HOST)
     with pytest.raises(RuntimeError, match="outside its block"):
         ex.weight(streamed.keys[0])
 
@@ -181,11 +174,11 @@ def test_the_device_compressed_tier_is_built_and_decodes_exactly():
     plan = make_plan(specs, options(e.value.minimum_device_bytes + 8000))
     assert DEVICE_COMPRESSED in plan.tiers and HOST in plan.tiers
     ex = Executor(plan, blocks, torch.device("cpu"))
-    kept = [b for b in ex._blocks if b.tier == DEVICE_COMPRESSED]
-    assert kept and all(b.dev_cts is not None for b in kept)
+    kept = [b for b in ex.blocks() if b.tier == DEVICE_COMPRESSED]
+    assert kept
     # their planes are copies in one packed buffer per block, not the caller's tensors
     for b in kept:
-        ptrs = {p.untyped_storage().data_ptr() for ct in b.dev_cts for p in ct.planes.values()}
+        ptrs = {p.untyped_storage().data_ptr() for ct in b.cts for p in ct.planes.values()}
         theirs = {
             p.untyped_storage().data_ptr() for ct in blocks[b.index].cts for p in ct.planes.values()
         }
@@ -200,8 +193,8 @@ def test_the_device_compressed_tier_is_built_and_decodes_exactly():
         ex.end_forward()
     # every fetch ("request") of a host block copies its packed bytes to staging; fetches of
     # device-compressed blocks decode from device memory and copy nothing
-    by_name = {b.name: b for b in ex._blocks}
+    by_name = {b.name: b for b in ex.blocks()}
     requested = [by_name[ev[1]] for ev in ex.events if ev[0] == "request"]
     assert {b.name for b in kept} <= {b.name for b in requested}
-    assert ex.stats.copied_bytes == sum(b.layout.nbytes for b in requested if b.tier == HOST)
+    assert ex.stats.copied_bytes == sum(b.packed_nbytes for b in requested if b.tier == HOST)
     ex.close()

@@ -299,7 +299,7 @@ def test_a_slot_released_before_its_last_use_is_caught(copies):
         model(IDS)  # the order is recorded
     streamed = [b for b in ex.order if not ex.is_resident(b)]
     first = streamed[0]
-    key = next(k for k, b in ex._block_of.items() if b == first)
+    key = ex.blocks()[first].keys[0]
     with backend.checking() as chk:
         ex.begin_forward()
         ex.enter(first)
@@ -354,7 +354,8 @@ def test_inference_has_no_host_synchronization_per_block(copies):
         model(IDS)
     per_block = chk.syncs_per_block()
     streamed = [b for b in ex.order if not ex.is_resident(b)]
-    assert streamed and all(per_block.get(ex._blocks[b].name, 0) >= 1 for b in streamed)
+    names = [b.name for b in ex.blocks()]
+    assert streamed and all(per_block.get(names[b], 0) >= 1 for b in streamed)
 
 
 def test_a_multi_piece_embedding_has_no_host_synchronization_per_block(copies):
