@@ -88,6 +88,16 @@ def main() -> None:
             "; goal <= 1.0",
         )
     )
+    outside = sum(
+        ct.nbytes for ct in model.neuzip.compressed.values() if ct.device.type != "meta"
+    )
+    rows.append(
+        (
+            "compressed bytes held outside the executor (a second copy of the model)",
+            f"{outside}",
+            f"of {sum(ct.nbytes for ct in model.neuzip.compressed.values())} compressed; goal 0",
+        )
+    )
     # -- runtime objects over many tokens ----------------------------------------------------
     first_tokens = min(50, args.tokens)
     model.generate(prompt, max_new_tokens=first_tokens, **gen)

@@ -35,7 +35,7 @@ from .config import CodecConfig
 from .kernels import HAS_TRITON, planes
 from .modules import CompressedModule, Piece, kind_of
 from .scheduler.executor import BlockData, Executor
-from .scheduler.plan import BlockSpec, Plan, PlanError, PlanOptions, make_plan
+from .scheduler.plan import DEVICE, BlockSpec, Plan, PlanError, PlanOptions, make_plan
 from .scheduler.tiers import PackedLayout, slot_layout
 from .storage import pread_into
 from .workers import shared_pool
@@ -221,16 +221,17 @@ class Dispatched:
         return self.trainer.optimizer
 
     def compressed_tensor(self, key: str) -> CompressedTensor:
-        """A piece with its planes in host memory (read from its file if it stays on disk)."""
-        if key in self.dirty:  # trained while resident decoded: encode the current values
+        """A piece with its planes in host memory: from the executor, which holds the only copy
+        (its pinned host buffer, or the device), read from its file if it stays on disk, or
+        encoded from the decoded weight when that is the truth (resident decoded, lossless)."""
+        if key in self.dirty:  # the resident decoded weight is the truth: encode it now
             from .training import reencode
 
-            self.compressed[key] = reencode(
-                self.executor.weight(key), self.compressed[key], self.pool
-            )
-            self.dirty.discard(key)
+            return reencode(self.executor.weight(key), self.compressed[key], self.pool)
         ct = self.compressed[key]
         if key not in self.locations:
+            if ct.device.type == "meta":  # the executor holds the bytes
+                ct = self.executor.compressed(key)
             return ct.cpu()
         planes = {}
         for k, loc in self.locations[key].items():
@@ -807,11 +808,29 @@ def _finish(
         for _, _, _, new in handle.swaps:
             if any(p.key in trained or p.key.split("[")[0] in trained for p in new.pieces):
                 object.__setattr__(new, "_trainer", handle.trainer)
+    _keep_one_copy(handle)
     model.neuzip = handle
     from .training import return_freed_memory
 
     return_freed_memory()  # the original weights and the encoder's scratch are gone
     return model
+
+
+def _keep_one_copy(handle: Dispatched) -> None:
+    """The executor holds every block's compressed bytes (pinned host, device, or its file), so
+    the handle keeps only headers and reads through it: the model is not held twice. Weights
+    that a lossless plan keeps decoded on the device keep no compressed copy either: they are
+    encoded again when saved (the encoder is deterministic: the same bytes). Lossy ones keep
+    theirs (their decoded values do not give their bytes back)."""
+    ex = handle.executor
+    for key, ct in list(handle.compressed.items()):
+        if key in handle.locations or ct.device.type == "meta":
+            continue
+        if ex.tier_of(key) == DEVICE:
+            if ct.header.lossy:
+                continue
+            handle.dirty.add(key)
+        handle.compressed[key] = ct.placeholder()
 
 
 def _release_device_originals(weights, compressed) -> Callable[[], None]:
@@ -1378,20 +1397,28 @@ def undispatch(model: nn.Module) -> nn.Module:
         raise DispatchError("model is not dispatched")
     for h in handle.hooks:
         h.remove()
-    for key in list(handle.dirty):  # trained while resident decoded: encode the current values
-        handle.compressed_tensor(key)
     if handle.trainer is not None:
         handle.trainer.close()
-    handle.executor.close()  # its device memory is free again: pieces decode there one by one
+    ex = handle.executor
+    # Before the executor lets go of its memory, each piece as it is held: decoded (resident),
+    # or compressed in host memory (host-tier planes stay valid views after close()).
+    held = {
+        key: ex.weight(key) if ex.tier_of(key) == DEVICE else handle.compressed_tensor(key)
+        for w in handle.weights
+        for key, _, _ in w.pieces
+    }
+    ex.close()  # its device memory is free again: pieces decode there one by one
     dev = handle.device
     for w in handle.weights:
         home = w.device if w.device.type != "meta" else torch.device("cpu")  # loaded: host
         parts = []
         for key, _, _ in w.pieces:
-            ct = handle.compressed_tensor(key)
-            if dev.type == "cuda" and ct.codec == "ans":  # the GPU decoder, not the host's rANS
-                ct = ct.to(dev)
-            parts.append(decompress(ct, pool=handle.pool).to(home))
+            piece = held.pop(key)
+            if isinstance(piece, CompressedTensor):
+                if dev.type == "cuda" and piece.codec == "ans":  # the GPU decoder, not the host's
+                    piece = piece.to(dev)
+                piece = decompress(piece, pool=handle.pool)
+            parts.append(piece.to(home))
         full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=w.kind.split_dim)
         param = nn.Parameter(full, requires_grad=w.requires_grad)
         for _, m in w.users:

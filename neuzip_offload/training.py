@@ -221,7 +221,8 @@ class Trainer:
                 )
                 with ex.scratch("re-encode", scratch):
                     ct, ready = reencode_async(weight, old, self.mover, self.handle.pool)
-                self.handle.compressed[key] = ct  # read on the host only after _end_backward
+                # the executor holds the new planes; the handle keeps the header
+                self.handle.compressed[key] = ct.placeholder()
                 ex.replace(key, ct, ready=ready)  # its repacking waits for the copy
         finally:
             ex.exit(b)

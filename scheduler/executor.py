@@ -425,6 +425,14 @@ class Executor:
             for b in self._blocks
         ]
 
+    def compressed(self, key: str) -> CompressedTensor:
+        """Weight ``key`` compressed, where its bytes are now: on the device (device-compressed),
+        in host memory (host), or a placeholder (disk, or resident decoded). Valid until
+        close(); host-tier planes stay valid after it (they are views the caller keeps alive)."""
+        blk = self._blocks[self._block_of[key]]
+        cts = blk.dev_cts if blk.dev_cts is not None else blk.cts
+        return cts[blk.keys.index(key)]
+
     def tier_of(self, key: str) -> str:
         """The tier of the block that holds weight ``key``."""
         return self._blocks[self._block_of[key]].tier
