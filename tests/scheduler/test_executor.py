@@ -120,7 +120,7 @@ def test_the_staging_path_copies_and_decodes_exactly():
     """The copy-stream path (pinned host → staging → slot) run with the CPU stand-ins."""
     from neuzip_offload.scheduler.executor import Executor
     from neuzip_offload.scheduler.plan import PlanOptions, make_plan
-    from tests.helpers import compressed_blocks, same_bits
+    from tests.helpers import compressed_blocks
 
     weights, blocks, specs = compressed_blocks([((32, 48), (7,), (48, 32))] * 5)
     o = PlanOptions(device_bytes=1, host_bytes=10**9, prefetch=2, copies=True, device="cpu")
@@ -136,14 +136,7 @@ def test_the_staging_path_copies_and_decodes_exactly():
     plan = make_plan(specs, o)
     assert "host" in plan.tiers and plan.n_staging == 2
     ex = Executor(plan, blocks, torch.device("cpu"))
-    for _ in range(2):
-        ex.begin_forward()
-        for i, ws in enumerate(weights):
-            ex.enter(i)
-            for j, w in enumerate(ws):
-                assert same_bits(ex.weight(f"b{i}.w{j}"), w)
-            ex.exit(i)
-        ex.end_forward()
+    _forwards_are_exact(ex, weights, 2)
     assert ex.stats.copied_bytes > 0 and ex.accountant.peak <= o.device_bytes
     ex.close()
 
@@ -152,7 +145,7 @@ def test_the_device_compressed_tier_is_built_and_decodes_exactly():
     """Blocks kept compressed on the device (copied there once at setup) decode bit-exactly."""
     from neuzip_offload.scheduler.executor import Executor
     from neuzip_offload.scheduler.plan import DEVICE_COMPRESSED, PlanOptions, make_plan
-    from tests.helpers import compressed_blocks, same_bits
+    from tests.helpers import compressed_blocks
 
     weights, blocks, specs = compressed_blocks([((32, 48), (7,), (48, 32))] * 12)
 
@@ -183,14 +176,7 @@ def test_the_device_compressed_tier_is_built_and_decodes_exactly():
             p.untyped_storage().data_ptr() for ct in blocks[b.index].cts for p in ct.planes.values()
         }
         assert len(ptrs) == 1 and not ptrs & theirs
-    for _ in range(2):
-        ex.begin_forward()
-        for i, ws in enumerate(weights):
-            ex.enter(i)
-            for j, w in enumerate(ws):
-                assert same_bits(ex.weight(f"b{i}.w{j}"), w)
-            ex.exit(i)
-        ex.end_forward()
+    _forwards_are_exact(ex, weights, 2)
     # every fetch ("request") of a host block copies its packed bytes to staging; fetches of
     # device-compressed blocks decode from device memory and copy nothing
     by_name = {b.name: b for b in ex.blocks()}
@@ -198,3 +184,17 @@ def test_the_device_compressed_tier_is_built_and_decodes_exactly():
     assert {b.name for b in kept} <= {b.name for b in requested}
     assert ex.stats.copied_bytes == sum(b.packed_nbytes for b in requested if b.tier == HOST)
     ex.close()
+
+
+def _forwards_are_exact(ex, weights, forwards: int) -> None:
+    """Run ``forwards`` passes over every block by hand; each weight must equal its original."""
+    from tests.helpers import same_bits
+
+    for _ in range(forwards):
+        ex.begin_forward()
+        for i, ws in enumerate(weights):
+            ex.enter(i)
+            for j, w in enumerate(ws):
+                assert same_bits(ex.weight(f"b{i}.w{j}"), w)
+            ex.exit(i)
+        ex.end_forward()
