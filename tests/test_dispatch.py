@@ -398,3 +398,14 @@ def test_the_compressed_model_is_held_once():
     nzo.undispatch(model)
     for k, v in originals.items():
         assert same_bits(model.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("option", ["max_norm", "scale_grad_by_freq"])
+def test_embedding_options_pieces_cannot_honour_are_refused(option):
+    """max_norm rewrites the weight in place and scale_grad_by_freq counts ids: neither can work
+    on an embedding cut into pieces, and both used to be ignored silently."""
+    _, emb, _ = _embedding_in_pieces()
+    setattr(emb, option, 1.0 if option == "max_norm" else True)
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(NotImplementedError, match=f"{option}.*max_block_bytes"):
+        emb(ids)
