@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import budget as _budget
 from . import calibrate as _calibrate
+from . import pieces as piece_rule
 from .calibrate import DecodeRate
 from .codec import compress_many, decompress
 from .compressed import CompressedTensor
@@ -1145,22 +1146,11 @@ def _cut_pieces(weights: list[_Weight], limit: int, trainable: bool = False) -> 
         length = w.shape[dim]
         split_dims = {kind_of(m).split_dim for _, m in w.users}
         whole = trainable and any(not isinstance(m, nn.Embedding) for _, m in w.users)
-        if (
-            w.root is not None
-            or limit <= 0
-            or nbytes <= limit
-            or length < 2
-            or len(split_dims) > 1
-            or whole
-        ):
+        cuts = piece_rule.cut(length, nbytes, limit)
+        if w.root is not None or len(split_dims) > 1 or whole or len(cuts) == 1:
             w.pieces = [(w.key, 0, length)]
             continue
-        count = min(length, math.ceil(nbytes / limit))
-        step = math.ceil(length / count)
-        w.pieces = [
-            (f"{w.key}[{i}]", a, min(a + step, length))
-            for i, a in enumerate(range(0, length, step))
-        ]
+        w.pieces = [(f"{w.key}[{i}]", a, b) for i, (a, b) in enumerate(cuts)]
 
 
 def _config_for(cfg: CodecConfig, k) -> CodecConfig:

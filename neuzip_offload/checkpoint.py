@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import pieces as piece_rule
 from .codec import compress_many
 from .compressed import PLANE_NAMES, CompressedTensor, DamagedDataError, Header
 from .config import CodecConfig
@@ -324,12 +325,9 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
 def _row_pieces(
     shape: tuple[int, ...], itemsize: int, max_piece_bytes: int
 ) -> list[tuple[int, int]]:
-    nbytes = math.prod(shape) * itemsize
-    if len(shape) < 2 or nbytes <= max_piece_bytes or shape[0] < 2:
+    if len(shape) < 2:
         return [(0, shape[0] if shape else 1)]
-    count = min(shape[0], math.ceil(nbytes / max_piece_bytes))
-    step = math.ceil(shape[0] / count)
-    return [(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
+    return piece_rule.cut(shape[0], math.prod(shape) * itemsize, max_piece_bytes)
 
 
 _LAYER = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.12.mlp.up_proj.weight" → "model.layers.12"
