@@ -276,17 +276,17 @@ def expect(ok: bool, what: str, detail: str = "") -> None:
 
 
 def check_split_merge(report: Report, dev: torch.device, sizes: Sequence[int]) -> None:
-    from neuzip_offload.kernels import planes
+    from neuzip_offload.kernels import planes, planes_triton
 
     for seed, dtype in enumerate((torch.bfloat16, torch.float16, torch.float32)):
         name = _dtype_name(dtype)
         for n in sizes:
             x = bit_patterns(dtype, n, seed)
             sym, raw = planes.split(x)
-            tsym, traw = planes.split_triton(x.to(dev))
+            tsym, traw = planes_triton.split_triton(x.to(dev))
             expect_same(f"split_triton {name} n={n}, symbols", tsym, sym)
             expect_same(f"split_triton {name} n={n}, raw plane", traw, raw)
-            merged = planes.merge_triton(sym.to(dev), raw.to(dev), dtype)
+            merged = planes_triton.merge_triton(sym.to(dev), raw.to(dev), dtype)
             expect_same(f"merge_triton {name} n={n}", merged, planes.merge(sym, raw, dtype))
             expect_same(f"merge_triton {name} n={n} (round trip)", merged, x)
         report.row(f"split/merge {name}", "ok", f"n = {list(sizes)}, all bit patterns")
@@ -295,17 +295,17 @@ def check_split_merge(report: Report, dev: torch.device, sizes: Sequence[int]) -
 def _lossy_case(
     dev: torch.device, x: torch.Tensor, k: int, normalize: bool, out_dtype: torch.dtype
 ) -> None:
-    from neuzip_offload.kernels import planes
+    from neuzip_offload.kernels import planes, planes_triton
 
     block = BLOCK if normalize else 1  # what the codec passes (header.block_size)
     label = f"k={k} {'normalized' if normalize else 'plain'} {_dtype_name(x.dtype)} n={x.numel()}"
     ref = planes.lossy_split(x, k, block, normalize)
-    got = planes.lossy_split_triton(x.to(dev), k, block, normalize)
+    got = planes_triton.lossy_split_triton(x.to(dev), k, block, normalize)
     for part, a, b in zip(("symbols", "field", "scales"), got, ref, strict=True):
         expect_same(f"lossy_split_triton {label}, {part}", a, b)
     want = planes.lossy_merge(*ref, k, block, out_dtype)
     on_dev = [t.to(dev) if t is not None else None for t in ref]
-    y = planes.lossy_merge_triton(*on_dev, k, block, out_dtype)
+    y = planes_triton.lossy_merge_triton(*on_dev, k, block, out_dtype)
     expect_same(f"lossy_merge_triton {label} -> {_dtype_name(out_dtype)}", y, want)
 
 
@@ -330,13 +330,13 @@ def check_lossy(
 
 
 def check_pack_bits(report: Report, dev: torch.device, sizes: Sequence[int]) -> None:
-    from neuzip_offload.kernels import planes
+    from neuzip_offload.kernels import planes, planes_triton
 
     g = torch.Generator().manual_seed(5)
     for width in range(1, 9):
         for n in sizes:
             codes = torch.randint(0, 1 << width, (n,), generator=g, dtype=torch.uint8)
-            got = planes.pack_bits_triton(codes.to(dev), width)
+            got = planes_triton.pack_bits_triton(codes.to(dev), width)
             want = planes.pack_bits(codes, width)
             expect_same(f"pack_bits_triton width={width} n={n}", got, want)
     report.row("pack_bits", "ok", f"width 1..8, n = {list(sizes)}")
@@ -392,7 +392,7 @@ def check_rans(
     import neuzip_offload as nzo
     from neuzip_offload.codec import decode_into
     from neuzip_offload.config import CodecConfig
-    from neuzip_offload.kernels import ans, planes
+    from neuzip_offload.kernels import ans, ans_triton, planes
 
     cuda = dev.type == "cuda"
     for label, kw, scope in configs:
@@ -419,7 +419,7 @@ def check_rans(
             expect_same(f"rANS decode kernel {label}, {ct.name}", out, ref)
             if cfg.mode == "lossless":  # the encoder kernel alone, on lossless symbols
                 sym = planes.split(x)[0]
-                st = ans.encode_triton(sym.to(dev), h.chunk_size, h.lanes, h.prob_bits)
+                st = ans_triton.encode_triton(sym.to(dev), h.chunk_size, h.lanes, h.prob_bits)
                 for part in ("words", "states", "word_offsets", "table_lo", "table_len"):
                     expect_same(
                         f"rANS encode kernel {ct.name}, {part}",
@@ -544,7 +544,7 @@ def _kernel_rates(ctx: Context, copy_gbps: float) -> None:
     import neuzip_offload as nzo
     from neuzip_offload.codec import decode_into
     from neuzip_offload.config import CodecConfig
-    from neuzip_offload.kernels import planes
+    from neuzip_offload.kernels import planes_triton
 
     report, dev = ctx.report, ctx.dev
     g = torch.Generator(device=dev).manual_seed(0)
@@ -555,13 +555,16 @@ def _kernel_rates(ctx: Context, copy_gbps: float) -> None:
         share = f"{gb / t / copy_gbps:.2f}x of the copy"
         report.row(f"{what}, GB/s", f"{gb / t:.0f}", f"{share}; {note}" if note else share)
 
-    sym, raw = planes.split_triton(x)
-    rate("split_triton bf16", cuda_time(lambda: planes.split_triton(x)))
+    sym, raw = planes_triton.split_triton(x)
+    rate("split_triton bf16", cuda_time(lambda: planes_triton.split_triton(x)))
     out = torch.empty_like(x)
-    rate("merge_triton bf16", cuda_time(lambda: planes.merge_triton(sym, raw, x.dtype, out=out)))
-    lossy = planes.lossy_split_triton(x, 3, BLOCK)
-    rate("lossy_split_triton k=3", cuda_time(lambda: planes.lossy_split_triton(x, 3, BLOCK)))
-    t = cuda_time(lambda: planes.lossy_merge_triton(*lossy, 3, BLOCK, x.dtype, out=out))
+    rate(
+        "merge_triton bf16",
+        cuda_time(lambda: planes_triton.merge_triton(sym, raw, x.dtype, out=out)),
+    )
+    lossy = planes_triton.lossy_split_triton(x, 3, BLOCK)
+    rate("lossy_split_triton k=3", cuda_time(lambda: planes_triton.lossy_split_triton(x, 3, BLOCK)))
+    t = cuda_time(lambda: planes_triton.lossy_merge_triton(*lossy, 3, BLOCK, x.dtype, out=out))
     rate("lossy_merge_triton k=3", t)
     for label, kw in (("lossless", {}), ("lossy k=3", {"mode": "lossy", "mantissa_bits": 3})):
         cfg = CodecConfig(codec="ans", **kw)

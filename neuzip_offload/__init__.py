@@ -17,10 +17,11 @@ import logging
 from . import optim  # nzo.optim.SGD, nzo.optim.AdamW
 from .api import DispatchError, dispatch, estimate_reserve, load, plan_model, undispatch
 from .budget import parse_size
-from .checkpoint import Checkpoint, CheckpointError, convert, save_compressed
+from .checkpoint import Checkpoint, CheckpointError, save_compressed
 from .codec import compress, compress_many, decompress, decompress_many
 from .compressed import FORMAT_VERSION, CompressedTensor, DamagedDataError
 from .config import CodecConfig
+from .conversion import convert
 from .scheduler.plan import Plan, PlanError
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

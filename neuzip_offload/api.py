@@ -498,7 +498,7 @@ def dispatch(
         if target_bits is not None:
             raise ValueError("target_bits needs the weights in memory: load them, then dispatch")
         if offload_dir is not None:
-            from .checkpoint import convert
+            from .conversion import convert
 
             convert(
                 checkpoint,
@@ -880,7 +880,7 @@ def _compress_from_files(model, weights, checkpoint, cfg, pool, progress) -> dic
     """Stream a Hugging Face safetensors checkpoint: compress the weights, place the rest."""
     from safetensors import safe_open
 
-    from .checkpoint import source_shards
+    from .conversion import source_shards
 
     by_name = _weight_names(weights)
     pending = {w.key: w for w in weights}

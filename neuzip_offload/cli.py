@@ -84,7 +84,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def compress(args: argparse.Namespace) -> int:
-    from neuzip_offload.checkpoint import convert
+    from neuzip_offload.conversion import convert
 
     t = time.perf_counter()
     out = convert(

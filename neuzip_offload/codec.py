@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import compressed as fmt
 from .compressed import CompressedTensor, DamagedDataError, Header
 from .config import CodecConfig
-from .kernels import HAS_TRITON, ans, planes, zstd
+from .kernels import HAS_TRITON, ans, ans_triton, planes, planes_triton, zstd
 from .workers import shared_pool
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,9 @@ def _use_triton(t: torch.Tensor) -> bool:
 def _split(w: torch.Tensor, cfg: CodecConfig):
     """(symbols, raw, scales) on w's device."""
     if cfg.mode == "lossless":
-        sym, raw = planes.split_triton(w) if _use_triton(w) else planes.split(w)
+        sym, raw = planes_triton.split_triton(w) if _use_triton(w) else planes.split(w)
         return sym, raw, None
-    fn = planes.lossy_split_triton if _use_triton(w) else planes.lossy_split
+    fn = planes_triton.lossy_split_triton if _use_triton(w) else planes.lossy_split
     return fn(w, cfg.mantissa_bits, cfg.block_size, cfg.normalize)
 
 
@@ -125,7 +125,7 @@ def _compress_many(
         rest = []
         for i in idx:  # encoded where they are: on the GPU by the Triton encoder
             if _use_triton(parts[i][0]):
-                streams[i] = ans.encode_triton(parts[i][0], chunk, lanes, pb)
+                streams[i] = ans_triton.encode_triton(parts[i][0], chunk, lanes, pb)
             else:
                 rest.append(i)
         encoded = ans.encode_many([parts[i][0].cpu() for i in rest], chunk, lanes, pb)
@@ -226,7 +226,7 @@ def _merge_range(
         scales = ct.planes.get("scales")
         if use_triton:
             assert start == 0
-            planes.lossy_merge_triton(
+            planes_triton.lossy_merge_triton(
                 sym, ct.planes["raw"], scales, h.mantissa_bits, h.block_size, h.dtype, out=dst
             )
         else:
@@ -242,7 +242,7 @@ def _merge_range(
             )
     elif use_triton:
         assert start == 0
-        planes.merge_triton(sym, ct.planes["raw"], h.dtype, out=dst)
+        planes_triton.merge_triton(sym, ct.planes["raw"], h.dtype, out=dst)
     else:
         planes.merge(sym, ct.planes["raw"], h.dtype, out=dst, start=start, total=h.numel)
 
@@ -272,7 +272,7 @@ def decode_into(
         return None
     triton_path = _use_triton(out) if use_triton is None else use_triton
     if h.codec == "ans" and triton_path:
-        return ans.decode_triton(
+        return ans_triton.decode_triton(
             ct.ans_stream(),
             ct.planes["raw"],
             ct.planes.get("scales"),

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import backend
+from . import backend, dtypes
 from .kernels import ans, planes, zstd
 from .kernels import crc as crc_kernels
 
@@ -32,8 +32,6 @@ FORMAT_VERSION = 1
 PLANE_NAMES = ("exp", "meta", "raw", "scales")
 SCALE_BITS = 7
 
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
-_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 _DEFAULT_CHUNK = {"ans": ans.DEFAULT_CHUNK, "zstd": zstd.DEFAULT_FRAME}
 
 
@@ -101,7 +99,7 @@ class Header:
         return ans.n_chunks(self.numel, self.chunk_size)
 
     def to_json(self) -> str:
-        d: dict = {"v": self.version, "t": _DTYPE_NAMES[self.dtype], "s": list(self.shape)}
+        d: dict = {"v": self.version, "t": dtypes.of(self.dtype).header, "s": list(self.shape)}
         d["c"] = self.codec
         if self.chunk_size != _DEFAULT_CHUNK[self.codec]:
             d["n"] = self.chunk_size
@@ -132,7 +130,7 @@ class Header:
             block = int(d.get("b", 0))
             codec = d["c"]
             h = cls(
-                dtype=_DTYPES[d["t"]],
+                dtype=dtypes.of_header(d["t"]).dtype,
                 shape=tuple(int(v) for v in d["s"]),
                 mode="lossy" if lossy else "lossless",
                 codec=codec,

@@ -260,17 +260,17 @@ def test_gpu_check_kernel_checks_pass_under_the_interpreter():
 
 
 def test_gpu_check_kernel_checks_catch_a_wrong_kernel(monkeypatch):
-    from neuzip_offload.kernels import planes
+    from neuzip_offload.kernels import planes_triton
 
-    real_merge = planes.merge_triton
+    real_merge = planes_triton.merge_triton
 
     def off_by_one(symbols, raw, dtype, out=None, **kw):
         out = real_merge(symbols, raw, dtype, out, **kw)
-        bits = planes.out_bits_view(out)
+        bits = planes_triton.out_bits_view(out)
         bits[-1] ^= 1  # the last element of the ragged tail
         return out
 
-    monkeypatch.setattr(planes, "merge_triton", off_by_one)
+    monkeypatch.setattr(planes_triton, "merge_triton", off_by_one)
     report = gpu_check.Report(None, echo=lambda s: None)
     with pytest.raises(gpu_check.CheckError, match=r"merge_triton bfloat16 n=1029: 1 of 1029"):
         gpu_check.check_split_merge(report, torch.device("cpu"), (1029,))

@@ -227,15 +227,15 @@ def test_a_killed_conversion_resumes_and_gives_the_same_files(tmp_path):
     code = textwrap.dedent(f"""
         import os, signal
         import neuzip_offload as nzo
-        from neuzip_offload import checkpoint
-        convert_file, calls = checkpoint._convert_file, []
+        from neuzip_offload import conversion
+        convert_file, calls = conversion._convert_file, []
         def convert_then_die(*args, **kwargs):
             out = convert_file(*args, **kwargs)
             calls.append(1)
             if len(calls) == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
             return out
-        checkpoint._convert_file = convert_then_die
+        conversion._convert_file = convert_then_die
         nzo.convert({str(src)!r}, {str(dst)!r}, workers=1, progress=False)
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=300)
@@ -373,7 +373,7 @@ def test_bench_helpers_export_models_transformers_cannot(tmp_path):
 
 
 def test_one_shard_split_among_worker_processes_gives_the_same_files(tmp_path):
-    """A single shard is divided among processes by size (checkpoint._convert_shard); the files
+    """A single shard is divided among processes by size (conversion._convert_shard); the files
     and index equal those of one process, byte for byte."""
     src = tmp_path / "hf"
     tiny_llama(layers=3).save_pretrained(src)  # one shard

@@ -26,6 +26,8 @@ FORMAT = {
     "codec",
     "compressed",
     "config",
+    "conversion",
+    "dtypes",
     "storage",
     "streamcheck",
     "workers",
@@ -35,10 +37,7 @@ MAX_LINES = 600
 # Over the limit today, each at most its present length (issue 9 splits them).
 OVERSIZE = {
     "neuzip_offload/api.py": 1431,
-    "neuzip_offload/checkpoint.py": 766,
     "scheduler/executor.py": 812,
-    "kernels/ans.py": 766,
-    "kernels/planes.py": 740,
 }
 
 

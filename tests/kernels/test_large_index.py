@@ -19,7 +19,7 @@ import psutil
 import pytest
 import torch
 
-from neuzip_offload.kernels import ans, planes
+from neuzip_offload.kernels import ans, ans_triton, planes, planes_triton
 from tests.helpers import TRITON_DEVICE, requires_triton, same_bits
 
 pytestmark = requires_triton
@@ -69,7 +69,7 @@ def test_lossy_merge_tail_of_a_70b_embedding_piece(k):
     start = n - 2 * 1024  # the last two programs
     sym, field, scales = _tail_planes(n, k, block, start, seed=k)
     out = torch.empty(n, dtype=torch.bfloat16, device=TRITON_DEVICE)
-    planes.lossy_merge_triton(
+    planes_triton.lossy_merge_triton(
         sym, field, scales, k, block, torch.bfloat16, out=out, first_program=start // 1024
     )
     want = planes.lossy_merge(sym[start:], field, scales, k, block, torch.bfloat16, start=start)
@@ -85,7 +85,7 @@ def test_lossy_split_tail_past_2_31_field_bits():
     g = torch.Generator().manual_seed(7)
     x[start:] = (torch.randn(n - start, generator=g) * 0.03).to(torch.bfloat16).to(x.device)
     # without normalization: packing the scales of all 2**19 blocks would take seconds here
-    sym, field, _ = planes.lossy_split_triton(x, k, 512, False, first_program=start // 1024)
+    sym, field, _ = planes_triton.lossy_split_triton(x, k, 512, False, first_program=start // 1024)
     ref_sym, ref_field, _ = planes.lossy_split(x[start:], k, 512, False)
     assert torch.equal(sym[start:], ref_sym)
     assert torch.equal(field[start * (k + 1) // 8 :], ref_field)
@@ -99,7 +99,7 @@ def test_pack_tail_past_2_31_bits():
     start = n - 2 * 1024
     codes = torch.empty(n, dtype=torch.uint8, device=TRITON_DEVICE)
     codes[start:] = _random_bytes(n - start, 11, 0, 1 << width).to(codes.device)
-    out = planes.pack_bits_triton(codes, width, first_program=start // 1024)
+    out = planes_triton.pack_bits_triton(codes, width, first_program=start // 1024)
     assert torch.equal(out[start * width // 8 :], planes.pack_bits(codes[start:], width))
 
 
@@ -131,7 +131,7 @@ def test_rans_decode_of_the_last_chunk_of_a_70b_embedding_piece():
         ).to(dev),
     )
     out = torch.empty(n, dtype=torch.bfloat16, device=dev)
-    status = ans.decode_triton(
+    status = ans_triton.decode_triton(
         stream,
         field,
         scales,
@@ -152,7 +152,7 @@ def test_rans_decode_of_the_last_chunk_of_a_70b_embedding_piece():
 _FP32_SCRIPT = textwrap.dedent(
     """
     import torch
-    from neuzip_offload.kernels import planes
+    from neuzip_offload.kernels import planes, planes_triton
     from tests.helpers import TRITON_DEVICE, same_bits
 
     n = (1 << 30) + 2048  # raw + 2 * n lies past 2**31
@@ -161,13 +161,13 @@ _FP32_SCRIPT = textwrap.dedent(
     g = torch.Generator().manual_seed(3)
     bits = torch.randint(-(1 << 31), 1 << 31, (n - start,), generator=g, dtype=torch.int64)
     x[start:] = bits.to(torch.int32).view(torch.float32).to(x.device)
-    sym, raw = planes.split_triton(x, first_program=start // 1024)
+    sym, raw = planes_triton.split_triton(x, first_program=start // 1024)
     want_sym, want_raw = planes.split(x[start:])
     assert torch.equal(sym[start:], want_sym), "symbols"
     for p in range(3):  # the three byte planes of raw, each n long
         got = raw[p * n + start : (p + 1) * n]
         assert torch.equal(got, want_raw[p * (n - start) : (p + 1) * (n - start)]), f"plane {p}"
-    out = planes.merge_triton(sym, raw, torch.float32, first_program=start // 1024)
+    out = planes_triton.merge_triton(sym, raw, torch.float32, first_program=start // 1024)
     assert same_bits(out[start:], x[start:]), "merge"
     print("fp32 tail ok")
     """

@@ -1,4 +1,5 @@
-"""kernels/planes.py: split/merge and lossy pack/unpack, references and Triton twins."""
+"""kernels/planes.py: split/merge and lossy pack/unpack, the references (Triton twins:
+test_planes_triton.py)."""
 
 from __future__ import annotations
 
@@ -6,25 +7,13 @@ import pytest
 import torch
 
 from neuzip_offload.kernels import planes
-from tests.helpers import (
-    TRITON_DEVICE,
-    all_bf16,
-    all_fp16,
-    fp32_specials_and_random,
-    requires_triton,
-    same_bits,
-)
-
-ALL = {
-    torch.bfloat16: all_bf16,
-    torch.float16: all_fp16,
-    torch.float32: lambda: fp32_specials_and_random(100_000),
-}
+from tests.helpers import all_bf16, same_bits
+from tests.kernels.inputs import BIT_PATTERNS, weights
 
 
-@pytest.mark.parametrize("dtype", list(ALL))
+@pytest.mark.parametrize("dtype", list(BIT_PATTERNS))
 def test_split_merge_round_trips_every_pattern(dtype):
-    x = ALL[dtype]()
+    x = BIT_PATTERNS[dtype]()
     sym, raw = planes.split(x)
     layout = planes.lossless_layout(dtype)
     assert sym.dtype == torch.uint8 and sym.numel() == x.numel()
@@ -33,28 +22,28 @@ def test_split_merge_round_trips_every_pattern(dtype):
     assert same_bits(planes.merge(sym, raw, dtype), x)
 
 
-@pytest.mark.parametrize("dtype", list(ALL))
+@pytest.mark.parametrize("dtype", list(BIT_PATTERNS))
 def test_host_and_torch_splits_agree(dtype):
-    x = ALL[dtype]()
+    x = BIT_PATTERNS[dtype]()
     host = planes._split_host(x.contiguous().reshape(-1))
     generic = planes._split_torch(x.contiguous().reshape(-1))
     assert torch.equal(host[0], generic[0]) and torch.equal(host[1], generic[1])
 
 
-@pytest.mark.parametrize("dtype", list(ALL))
+@pytest.mark.parametrize("dtype", list(BIT_PATTERNS))
 def test_host_split_in_pieces_agrees(dtype, monkeypatch):
     """The host split works in bounded pieces; a ragged last piece changes nothing."""
     monkeypatch.setattr(planes, "_HOST_PIECE", 1000)
-    x = ALL[dtype]().contiguous().reshape(-1)[:12_345]
+    x = BIT_PATTERNS[dtype]().contiguous().reshape(-1)[:12_345]
     host = planes._split_host(x)
     generic = planes._split_torch(x)
     assert torch.equal(host[0], generic[0]) and torch.equal(host[1], generic[1])
 
 
-@pytest.mark.parametrize("dtype", list(ALL))
+@pytest.mark.parametrize("dtype", list(BIT_PATTERNS))
 def test_merge_by_frames_equals_whole(dtype):
     """Merging pieces (as zstd frames arrive) writes exactly what one merge writes."""
-    x = ALL[dtype]()[:50_000]
+    x = BIT_PATTERNS[dtype]()[:50_000]
     sym, raw = planes.split(x)
     out = torch.empty_like(x)
     for start in range(0, x.numel(), 4096):
@@ -93,18 +82,11 @@ def test_pack_bits_rejects_bad_width():
         planes.pack_bits(torch.zeros(4, dtype=torch.uint8), 9)
 
 
-def _weights(n: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    # rows of very different scales, like trained weights
-    scale = torch.exp(torch.randn(n // 64 + 1, generator=g) * 2).repeat_interleave(64)[:n]
-    return torch.randn(n, generator=g) * scale * 0.02
-
-
 @pytest.mark.parametrize("k", range(8))
 @pytest.mark.parametrize("block_size", [1, 64, 512])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_lossy_error_bound_and_exact_block_absmax(k, block_size, dtype):
-    x = _weights(20_000, seed=k).to(dtype)
+    x = weights(20_000, seed=k).to(dtype)
     sym, field, scales = planes.lossy_split(x, k, block_size, True)
     y = planes.lossy_merge(sym, field, scales, k, block_size, dtype)
     xf, yf = x.float(), y.float()
@@ -145,43 +127,3 @@ def test_lossy_saturates_instead_of_overflowing():
     sym, field, _ = planes.lossy_split(x, 0, 512, False)
     y = planes.lossy_merge(sym, field, None, 0, 512, torch.float32)
     assert bool(torch.isfinite(y).all())
-
-
-# ------------------------------------------------------------------------------------------
-# Triton twins (compiled on CUDA, interpreted elsewhere), against the references
-# ------------------------------------------------------------------------------------------
-
-
-@requires_triton
-@pytest.mark.parametrize("dtype", list(ALL))
-def test_triton_split_and_merge_match_reference(dtype):
-    x = ALL[dtype]()[::7][:5000].to(TRITON_DEVICE)
-    sym, raw = planes.split(x)
-    tsym, traw = planes.split_triton(x)
-    assert torch.equal(sym, tsym) and torch.equal(raw, traw)
-    assert same_bits(planes.merge_triton(sym, raw, dtype), x)
-
-
-@requires_triton
-@pytest.mark.parametrize("width", [2, 3, 7])
-def test_triton_pack_matches_reference(width):
-    codes = torch.randint(0, 1 << width, (1001,), dtype=torch.int64).to(torch.uint8)
-    codes = codes.to(TRITON_DEVICE)
-    assert torch.equal(planes.pack_bits_triton(codes, width), planes.pack_bits(codes, width))
-
-
-@requires_triton
-@pytest.mark.parametrize(
-    ("k", "block_size", "normalize"),
-    [(0, 512, True), (3, 64, True), (7, 512, False), (5, 1024, True)],
-)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_triton_lossy_matches_reference(k, block_size, normalize, dtype):
-    x = _weights(3000, seed=k).to(dtype).to(TRITON_DEVICE)
-    ref = planes.lossy_split(x, k, block_size, normalize)
-    got = planes.lossy_split_triton(x, k, block_size, normalize)
-    for a, b in zip(ref, got, strict=True):
-        assert (a is None and b is None) or torch.equal(a, b)
-    y_ref = planes.lossy_merge(*ref, k, block_size, dtype)
-    y_tri = planes.lossy_merge_triton(*ref, k, block_size, dtype)
-    assert same_bits(y_ref, y_tri)
