@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
+from torch import nn
 
 from neuzip_offload.kernels import HAS_TRITON
 
@@ -88,6 +92,69 @@ def tiny_gpt2(dtype: torch.dtype = torch.float32, seed=0):
 
 def model_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def device_storages(executor, model: nn.Module | None = None) -> dict[int, int]:
+    """What an executor (and the model dispatched with it) really hold on its device, found by
+    walking tensors, not read from its Accountant: ``{storage address: bytes}``, each once.
+
+    ``device_buffers()`` are the executor's slots, staging, decode workspace and resident
+    (decoded or compressed) blocks; the model's parameters and buffers are what it kept
+    uncompressed.
+    """
+    tensors = executor.device_buffers()
+    if model is not None:
+        tensors += list(model.parameters()) + list(model.buffers())
+    out: dict[int, int] = {}
+    for t in tensors:
+        if t.device == executor.device:
+            st = t.untyped_storage()
+            out[st.data_ptr()] = st.nbytes()
+    return out
+
+
+@contextlib.contextmanager
+def weights_handed_out(executor) -> Iterator[list[tuple[str, int]]]:
+    """Record ``(key, storage address)`` of every weight the executor hands to a module: in
+    forward (``weight``) and in backward (``backward_weight``, where the executor has one)."""
+    seen: list[tuple[str, int]] = []
+    names = [n for n in ("weight", "backward_weight") if hasattr(executor, n)]
+
+    def spy(real):
+        def handed_out(key: str) -> torch.Tensor:
+            w = real(key)
+            seen.append((key, w.untyped_storage().data_ptr()))
+            return w
+
+        return handed_out
+
+    for name in names:
+        setattr(executor, name, spy(getattr(executor, name)))
+    try:
+        yield seen
+    finally:
+        for name in names:
+            delattr(executor, name)  # the class's method again
+
+
+def check_device_memory(model: nn.Module, budget: int, run) -> None:
+    """The budget oracle that does not trust the Accountant: the storages the model and its
+    executor hold, plus the plan's reserve and transient allowance, fit ``budget``; ``run()``
+    (forwards, backwards) makes no device storage of its own for a weight — every weight a
+    module is handed is a view into them — and reallocates none of them."""
+    ex = model.neuzip.executor
+    plan = model.neuzip.plan
+    held = device_storages(ex, model)
+    assert sum(held.values()) + plan.options.reserve_bytes + plan.transient_bytes <= budget, (
+        sum(held.values()),
+        budget,
+    )
+    with weights_handed_out(ex) as used:
+        run()
+    assert used, "no weight was asked for"
+    outside = sorted({key for key, ptr in used if ptr not in held})
+    assert not outside, outside
+    assert device_storages(ex, model) == held
 
 
 def compressed_blocks(shapes_per_block, config=None, seed: int = 0):
