@@ -93,7 +93,7 @@ def main() -> None:
 
         (work / "l70").mkdir()
         (work / "l70" / "config.json").write_text(json.dumps(bundled.LLAMA3_70B_CONFIG))
-        from neuzip_offload.api import model_from_config
+        from neuzip_offload import model_from_config
 
         t = time.perf_counter()
         model = model_from_config(work / "l70", torch.bfloat16)

@@ -24,18 +24,18 @@ import time
 import torch
 
 import neuzip_offload as nzo
-import neuzip_offload.api as api
+import neuzip_offload.planning as planning
 from neuzip_offload import backend, bundled
 
 
 def _with_copies() -> None:
     """Plans as on CUDA: blocks are copied to staging and decoded into slots (CPU stand-ins)."""
-    make = api._plan_options
+    make = planning.plan_options
 
     def with_copies(*args, **kwargs):
         return dataclasses.replace(make(*args, **kwargs), copies=True)
 
-    api._plan_options = with_copies
+    planning.plan_options = with_copies
 
 
 def _alive_tensors() -> int:
@@ -88,9 +88,7 @@ def main() -> None:
             "; goal <= 1.0",
         )
     )
-    outside = sum(
-        ct.nbytes for ct in model.neuzip.compressed.values() if ct.device.type != "meta"
-    )
+    outside = sum(ct.nbytes for ct in model.neuzip.compressed.values() if ct.device.type != "meta")
     rows.append(
         (
             "compressed bytes held outside the executor (a second copy of the model)",

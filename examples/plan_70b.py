@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 import neuzip_offload as nzo
-from neuzip_offload import bundled
-from neuzip_offload.api import model_from_config
+from neuzip_offload import bundled, model_from_config
 
 
 def main() -> None:

@@ -15,13 +15,17 @@ from __future__ import annotations
 import logging
 
 from . import optim  # nzo.optim.SGD, nzo.optim.AdamW
-from .api import DispatchError, dispatch, estimate_reserve, load, plan_model, undispatch
+from .api import dispatch, load, plan_model, undispatch
 from .budget import parse_size
-from .checkpoint import Checkpoint, CheckpointError, save_compressed
+from .checkpoint import Checkpoint, CheckpointError
 from .codec import compress, compress_many, decompress, decompress_many
 from .compressed import FORMAT_VERSION, CompressedTensor, DamagedDataError
 from .config import CodecConfig
 from .conversion import convert
+from .handle import Dispatched
+from .model_analysis import estimate_reserve, model_from_config
+from .options import DispatchError
+from .save import save_compressed
 from .scheduler.plan import Plan, PlanError
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -34,6 +38,7 @@ __all__ = [
     "CompressedTensor",
     "DamagedDataError",
     "DispatchError",
+    "Dispatched",
     "Plan",
     "PlanError",
     "compress",
@@ -44,6 +49,7 @@ __all__ = [
     "dispatch",
     "estimate_reserve",
     "load",
+    "model_from_config",
     "optim",
     "parse_size",
     "plan_model",

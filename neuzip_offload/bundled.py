@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 from pathlib import Path
@@ -107,9 +108,6 @@ def export_safetensors(model, out_dir, max_shard_bytes: int = 2 * 10**9) -> None
     For models transformers will not save itself (read from GGUF, say). Tied weights are
     written once, as transformers does.
     """
-    import json
-    from pathlib import Path
-
     from safetensors.torch import save_file
 
     out = Path(out_dir)

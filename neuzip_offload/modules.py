@@ -10,12 +10,14 @@ Results are bit-identical to the original module's: the same kernels on the same
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .training import saved_weights_redecoded
+from .autograd import saved_weights_redecoded
+from .scheduler.executor import Executor
 
 
 @dataclass(frozen=True)
@@ -26,15 +28,30 @@ class Piece:
     block: int  # the executor's block index
 
 
+class Trainer(Protocol):
+    """What a trained weight's module asks of the fused optimizer's runtime (training.py)."""
+
+    def leaf(self, key: str, weight: torch.Tensor) -> torch.Tensor: ...
+
+
 class CompressedModule(nn.Module):
-    """Common part: the executor, the pieces, the original module (kept for undispatch)."""
+    """Common part: the executor, the pieces, the original module (kept for undispatch), and
+    the trainer when the weight is trained (dispatch(trainable=True))."""
 
     split_dim = 0
 
-    def __init__(self, original: nn.Module, pieces: list[Piece], executor, shape, dtype):
+    def __init__(
+        self,
+        original: nn.Module,
+        pieces: list[Piece],
+        executor: Executor,
+        shape,
+        dtype,
+        trainer: Trainer | None = None,
+    ):
         super().__init__()
         object.__setattr__(self, "_executor", executor)  # not a submodule
-        object.__setattr__(self, "_trainer", None)  # set by dispatch(trainable=True)
+        object.__setattr__(self, "_trainer", trainer)
         object.__setattr__(self, "original", original)
         self.pieces = list(pieces)
         self.weight_shape = torch.Size(shape)
@@ -77,8 +94,8 @@ class CompressedModule(nn.Module):
 
 
 class CompressedLinear(CompressedModule):
-    def __init__(self, original: nn.Linear, pieces, executor, shape, dtype):
-        super().__init__(original, pieces, executor, shape, dtype)
+    def __init__(self, original: nn.Linear, pieces, executor, shape, dtype, trainer=None):
+        super().__init__(original, pieces, executor, shape, dtype, trainer)
         self.in_features = original.in_features
         self.out_features = original.out_features
 
@@ -97,8 +114,8 @@ class CompressedConv1D(CompressedModule):
 
     split_dim = 1
 
-    def __init__(self, original: nn.Module, pieces, executor, shape, dtype):
-        super().__init__(original, pieces, executor, shape, dtype)
+    def __init__(self, original: nn.Module, pieces, executor, shape, dtype, trainer=None):
+        super().__init__(original, pieces, executor, shape, dtype, trainer)
         self.nf = original.nf
         self.nx = getattr(original, "nx", shape[0])
 
@@ -116,8 +133,8 @@ class CompressedConv1D(CompressedModule):
 
 
 class CompressedEmbedding(CompressedModule):
-    def __init__(self, original: nn.Embedding, pieces, executor, shape, dtype):
-        super().__init__(original, pieces, executor, shape, dtype)
+    def __init__(self, original: nn.Embedding, pieces, executor, shape, dtype, trainer=None):
+        super().__init__(original, pieces, executor, shape, dtype, trainer)
         self.num_embeddings = original.num_embeddings
         self.embedding_dim = original.embedding_dim
         self.padding_idx = original.padding_idx

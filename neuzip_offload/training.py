@@ -1,12 +1,12 @@
 """Training with compressed weights: fused per-tensor updates, then re-encoding.
 
 Under autograd a compressed weight is decoded for the forward and is *not* kept for backward:
-a saved-tensor hook replaces it in the graph by a marker, and backward decodes the weight again
-(in reverse block order, prefetched like the forward). With ``trainable=True`` each use of a
-weight in the forward is a fresh leaf whose post-accumulate-grad hook hands the gradient to the
-fused optimizer as soon as autograd has it (LOMO-style: no full set of gradients ever exists);
-once every use of the weight in this forward has delivered its part, the update runs on the
-decoded weight and the result is re-encoded with fresh frequency tables. Plain parameters
+a saved-tensor hook (autograd.py) replaces it in the graph by a marker, and backward decodes the
+weight again (in reverse block order, prefetched like the forward). With ``trainable=True`` each
+use of a weight in the forward is a fresh leaf whose post-accumulate-grad hook hands the gradient
+to the fused optimizer as soon as autograd has it (LOMO-style: no full set of gradients ever
+exists); once every use of the weight in this forward has delivered its part, the update runs on
+the decoded weight and the result is re-encoded with fresh frequency tables. Plain parameters
 (norms, biases) get the same hook and the same optimizer.
 
 Gradient accumulation (``grad_accum_steps=n``) sums each tensor's gradients in an fp32 host
@@ -29,59 +29,26 @@ changes slowly from step to step). The global norm of each step is kept in ``gra
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import logging
 import math
 import sys
-from collections.abc import Iterator
-from concurrent.futures import Executor
+from concurrent.futures import Executor as ThreadPool
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from . import backend
 from .budget import device_encode_bytes
-from .codec import compress_many
-from .compressed import CompressedTensor
-from .config import CodecConfig
-from .kernels import HAS_TRITON
-from .optim import FusedOptimizer, StateMover
+from .encode import reencode_async
+from .optim import StateMover
+from .options import TrainOptions
+from .scheduler.executor import Executor
+
+if TYPE_CHECKING:  # handle.py imports this module
+    from .handle import PieceRecords
 
 log = logging.getLogger(__name__)
-
-CLIP_MODES = ("tensor", "lagged")
-
-
-class _Saved:
-    """What the graph keeps instead of a decoded weight: its key and the view it saved."""
-
-    __slots__ = ("key", "offset", "size", "stride")
-
-    def __init__(self, key: str, size, stride, offset: int):
-        self.key, self.size, self.stride, self.offset = key, size, stride, offset
-
-
-@contextlib.contextmanager
-def saved_weights_redecoded(executor, key: str, weight: torch.Tensor) -> Iterator[None]:
-    """Within the block: tensors saved for backward that view ``weight`` are replaced by markers,
-    which backward turns back into the weight by decoding it again."""
-    start = weight.data_ptr()
-    end = start + weight.numel() * weight.element_size()
-    item = weight.element_size()
-
-    def pack(t: torch.Tensor):
-        if start <= t.data_ptr() < end and t.dtype == weight.dtype:
-            return _Saved(key, t.size(), t.stride(), (t.data_ptr() - start) // item)
-        return t
-
-    def unpack(obj):
-        if not isinstance(obj, _Saved):
-            return obj
-        w = executor.backward_weight(obj.key)
-        return w.as_strided(obj.size, obj.stride, w.storage_offset() + obj.offset)
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
 
 
 class Trainer:
@@ -89,25 +56,19 @@ class Trainer:
 
     def __init__(
         self,
-        handle,
-        optimizer: FusedOptimizer,
-        grad_accum_steps: int = 1,
-        clip_grad_norm: float | None = None,
-        clip_mode: str = "tensor",
+        executor: Executor,
+        records: PieceRecords,
+        options: TrainOptions,
+        pool: ThreadPool | None = None,
         plain: list[tuple[str, nn.Parameter]] | None = None,
     ):
-        if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be an int >= 1, got {grad_accum_steps!r}")
-        if clip_grad_norm is not None and not clip_grad_norm > 0:
-            raise ValueError(f"clip_grad_norm must be > 0 or None, got {clip_grad_norm!r}")
-        if clip_mode not in CLIP_MODES:
-            raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
-        self.handle = handle
-        self.executor = handle.executor
-        self.optimizer = optimizer
-        self.grad_accum_steps = grad_accum_steps
-        self.clip_grad_norm = clip_grad_norm
-        self.clip_mode = clip_mode
+        self.executor = executor
+        self.records = records  # the handle's: told of updated and re-encoded pieces
+        self.pool = pool
+        self.optimizer = optimizer = options.optimizer
+        self.grad_accum_steps = options.grad_accum_steps
+        self.clip_grad_norm = options.clip_grad_norm
+        self.clip_mode = options.clip_mode
         self.grad_norm: float | None = None  # global norm of the last applied step
         self._sq: torch.Tensor | None = None  # this backward's sum of squares, on the device
         self._uses: dict[str, int] = {}
@@ -210,9 +171,9 @@ class Trainer:
             weight = ex.weight(key)
             self.optimizer.update(key, weight, grad)
             if ex.is_resident(b):
-                self.handle.dirty.add(key)  # the decoded tensor is the truth; encode on save
+                self.records.keep_decoded(key)  # the decoded tensor is the truth; encode on save
             else:
-                old = self.handle.compressed[key]
+                old = self.records.like(key)
                 # the encoder's scratch is planned (PlanOptions.scratch_bytes) and held here
                 scratch = (
                     device_encode_bytes(weight.numel(), weight.element_size())
@@ -220,9 +181,9 @@ class Trainer:
                     else 0
                 )
                 with ex.scratch("re-encode", scratch):
-                    ct, ready = reencode_async(weight, old, self.mover, self.handle.pool)
+                    ct, ready = reencode_async(weight, old, self.mover, self.pool)
                 # the executor holds the new planes; the handle keeps the header
-                self.handle.compressed[key] = ct.placeholder()
+                self.records.reencoded(key, ct)
                 ex.replace(key, ct, ready=ready)  # its repacking waits for the copy
         finally:
             ex.exit(b)
@@ -243,8 +204,6 @@ def _square_norm(grad: torch.Tensor) -> torch.Tensor:
 
 def _libc():
     try:
-        import ctypes
-
         return ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc
         return None
@@ -259,55 +218,6 @@ def return_freed_memory() -> None:
     on SmolLM2 without this)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
-
-
-def _encode(
-    weight: torch.Tensor, like: CompressedTensor, pool: Executor | None
-) -> CompressedTensor:
-    """The weight compressed as ``like`` was, fresh tables; planes where the encoder left them."""
-    h = like.header
-    cfg = CodecConfig(
-        mode="lossless",
-        codec=h.codec,
-        chunk_size=h.chunk_size,
-        lanes=h.lanes,
-        prob_bits=h.prob_bits,
-    )
-    w = weight.detach().reshape(like.shape)
-    if not (h.codec == "ans" and w.is_cuda and HAS_TRITON):
-        w = w.cpu()
-    return compress_many([w], cfg, names=[like.name], pool=pool)[0]
-
-
-def reencode(
-    weight: torch.Tensor, like: CompressedTensor, pool: Executor | None = None
-) -> CompressedTensor:
-    """The updated weight compressed as ``like`` was (fresh tables), returned on the host.
-
-    A CUDA weight is encoded on the GPU (the Triton rANS encoder) when its codec is ans; only the
-    compressed bytes cross to the host. Otherwise the host encoders run."""
-    mover = StateMover()
-    ct, ready = reencode_async(weight, like, mover, pool)
-    ready.synchronize()  # the caller reads the planes now
-    return ct
-
-
-def reencode_async(
-    weight: torch.Tensor,
-    like: CompressedTensor,
-    mover: StateMover,
-    pool: Executor | None = None,
-) -> tuple[CompressedTensor, object]:
-    """``reencode`` without waiting: (tensor with its planes in fresh pinned host buffers,
-    event after which the host may read them). The planes of a CUDA encode cross once,
-    asynchronously, on the mover's copy stream; a host encode's planes are ready at once."""
-    ct = _encode(weight, like, pool)
-    planes = {k: mover.to_host(p) for k, p in ct.planes.items()}  # fresh buffers: none reused
-    moved = [p.device for k, p in ct.planes.items() if planes[k] is not p]
-    if not moved:  # a host encode: its planes are complete already
-        return ct.with_planes(planes), backend.CpuEvent()
-    # the copies of one device run in order on one stream: the last one's event covers all
-    return ct.with_planes(planes), mover.last_event(moved[-1])
 
 
 _HOST = torch.device("cpu")

@@ -295,7 +295,7 @@ def test_the_70b_plan_from_a_config_touches_no_weights_and_allocates_nothing(tmp
     code = textwrap.dedent(f"""
         import psutil, torch, transformers, accelerate, neuzip_offload as nzo
         from torch.utils._python_dispatch import TorchDispatchMode
-        from neuzip_offload.api import model_from_config
+        from neuzip_offload import model_from_config
         from pathlib import Path
         class Largest(TorchDispatchMode):
             numel = 0

@@ -32,11 +32,30 @@ FORMAT = {
     "streamcheck",
     "workers",
 }
-API = {"api", "calibrate", "cli", "evaluate", "mixed", "modules", "optim", "training", "bundled"}
+API = {
+    "api",
+    "autograd",
+    "blocks",
+    "bundled",
+    "calibrate",
+    "cli",
+    "encode",
+    "evaluate",
+    "handle",
+    "loading",
+    "mixed",
+    "model_analysis",
+    "modules",
+    "optim",
+    "options",
+    "planning",
+    "save",
+    "surgery",
+    "training",
+}
 MAX_LINES = 600
 # Over the limit today, each at most its present length (issue 9 splits them).
 OVERSIZE = {
-    "neuzip_offload/api.py": 1431,
     "scheduler/executor.py": 812,
 }
 

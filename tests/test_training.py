@@ -457,8 +457,8 @@ def test_gradient_accumulation_buffers_are_reused_across_steps():
 
 def test_reencode_async_gives_the_planes_of_reencode():
     from neuzip_offload.compressed import CompressedTensor
+    from neuzip_offload.encode import reencode, reencode_async
     from neuzip_offload.optim import StateMover
-    from neuzip_offload.training import reencode, reencode_async
 
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     like = nzo.compress(w)

@@ -96,12 +96,12 @@ def test_executor_scratch_is_checked_against_the_plan():
 
 
 def test_a_hopeless_budget_is_refused_before_anything_is_compressed(monkeypatch):
-    import neuzip_offload.api as api
+    import neuzip_offload.encode as encode
 
     def never(*a, **k):
         raise AssertionError("compressed before the budget was checked")
 
-    monkeypatch.setattr(api, "compress_many", never)
+    monkeypatch.setattr(encode, "compress_many", never)
     with pytest.raises(nzo.PlanError, match="before compressing") as e:
         nzo.dispatch(tiny_llama(), max_gpu_mem=1000, reserve=0, progress=False)
     monkeypatch.undo()
@@ -224,19 +224,19 @@ def test_zstd_is_refused_where_it_would_decode_on_the_host_for_a_gpu(monkeypatch
 def test_gpu_compression_at_dispatch_fits_the_budget_not_the_free_memory(monkeypatch):
     """Whether a batch is encoded on the GPU depends on max_gpu_mem less what the process
     already holds there (it used to be the card's free memory)."""
-    import neuzip_offload.api as api
+    import neuzip_offload.encode as encode
     from neuzip_offload.budget import device_encode_bytes
 
-    monkeypatch.setattr(api, "HAS_TRITON", True)
+    monkeypatch.setattr(encode, "HAS_TRITON", True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 10**8)
     ans = CodecConfig(codec="ans")
     need = device_encode_bytes(10**7, 2)
     assert need > 10**7 * 2 * 2  # the weights, their planes and the encoder's buffers
-    assert api._encode_on_device(ans, 10**7, 2, budget=10**8 + need)
-    assert not api._encode_on_device(ans, 10**7, 2, budget=10**8 + need - 1)
-    assert not api._encode_on_device(ans, 10**7, 2, budget=None)  # a CPU dispatch
-    assert not api._encode_on_device(CodecConfig(codec="zstd"), 10, 2, budget=10**12)
+    assert encode.encode_on_device(ans, 10**7, 2, budget=10**8 + need)
+    assert not encode.encode_on_device(ans, 10**7, 2, budget=10**8 + need - 1)
+    assert not encode.encode_on_device(ans, 10**7, 2, budget=None)  # a CPU dispatch
+    assert not encode.encode_on_device(CodecConfig(codec="zstd"), 10, 2, budget=10**12)
 
 
 def test_pinned_buffers_are_the_size_asked_and_unpinned_when_freed(monkeypatch):

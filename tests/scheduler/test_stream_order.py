@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import neuzip_offload as nzo
-from neuzip_offload import api, backend
+from neuzip_offload import backend, planning
 from neuzip_offload.backend import StreamOrderError
 from neuzip_offload.scheduler.plan import DISK, HOST
 from tests.helpers import model_bytes, same_bits, tiny_llama
@@ -24,12 +24,12 @@ CPU = torch.device("cpu")
 @pytest.fixture
 def copies(monkeypatch):
     """Plans made with copies, as on CUDA: host → staging (copy stream) → slot (decode stream)."""
-    plan_options = api._plan_options
+    plan_options = planning.plan_options
 
     def with_copies(*args, **kwargs):
         return dataclasses.replace(plan_options(*args, **kwargs), copies=True)
 
-    monkeypatch.setattr(api, "_plan_options", with_copies)
+    monkeypatch.setattr(planning, "plan_options", with_copies)
 
 
 def _streamed(prefetch: int, layers: int = 5, **kw):

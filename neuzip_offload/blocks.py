@@ -1,0 +1,154 @@
+"""Weights → blocks: what the planner sizes (BlockSpec) and what the executor holds (BlockData).
+
+Second step of the data path: model_analysis.py found the weights and their blocks; here they
+are grouped in module order (a block root's pieces together, every other piece alone) and
+sized. One function serves both moments of a dispatch:
+
+- *estimated*, before anything is compressed (``bits`` per weight): plan_model, the choice of
+  granularity and the early refusal of a hopeless budget;
+- *measured*, after compressing (``compressed`` tensors, and their files' ``locations`` for a
+  loaded checkpoint): the plan the executor runs.
+
+Both use the same grouping and the same decoded sizes (slot entries aligned to 256 bytes), so
+an estimated plan and the measured one differ only in the compressed bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .compressed import CompressedTensor
+from .model_analysis import Weight
+from .scheduler.executor import BlockData
+from .scheduler.plan import BlockSpec
+from .scheduler.tiers import SLOT_ALIGN, PackedLayout, slot_layout
+from .storage import PlaneLocation
+
+HEADER_BYTES_ESTIMATE = 1024  # a piece's header and index, before it exists
+ESTIMATE_CHUNK = 1 << 16  # rANS symbols per chunk, and its probability bits, for estimates
+ESTIMATE_PROB_BITS = 12
+
+
+@dataclass(frozen=True)
+class Member:
+    """One piece of a block: its key and its number of weights and dtype."""
+
+    key: str
+    numel: int
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Group:
+    """A block before sizing: its name, its pieces in order, its uses per forward."""
+
+    name: str
+    members: tuple[Member, ...]
+    uses: int
+
+
+def groups(weights: list[Weight]) -> list[Group]:
+    """The blocks in module order: a root's pieces together (at its first weight), each piece of
+    a weight outside the roots alone (used once per user: a tied embedding twice)."""
+    out: list[Group] = []
+    seen: set[str] = set()
+    for w in weights:
+        if w.root is None:
+            out.extend(
+                Group(key, (Member(key, w.piece_numel(a, b), w.dtype),), len(w.users))
+                for key, a, b in w.pieces
+            )
+        elif w.root not in seen:
+            seen.add(w.root)
+            members = tuple(
+                Member(key, v.piece_numel(a, b), v.dtype)
+                for v in weights
+                if v.root == w.root
+                for key, a, b in v.pieces
+            )
+            out.append(Group(w.root, members, 1))
+    return out
+
+
+def build(
+    weights: list[Weight],
+    device: torch.device,
+    *,
+    bits: float | None = None,
+    on_disk: bool = False,
+    compressed: Mapping[str, CompressedTensor] | None = None,
+    locations: Mapping[str, dict[str, PlaneLocation]] | None = None,
+) -> tuple[list[BlockSpec], list[BlockData]]:
+    """(specs for the planner, data for the executor), one per block in module order.
+
+    Estimated with ``bits`` (compressed bytes from bits per weight; ``on_disk``: every block
+    can be read from a file; no data), or measured from ``compressed`` (every piece's tensor;
+    ``locations``: the files of the pieces a checkpoint holds)."""
+    if (bits is None) == (compressed is None):
+        raise ValueError("pass bits (an estimate) or compressed (measured sizes), not both")
+    specs, data = [], []
+    for g in groups(weights):
+        if compressed is None:
+            specs.append(_estimated(g, device, bits, on_disk))
+            continue
+        keys = [m.key for m in g.members]
+        cts = [compressed[k] for k in keys]
+        files = locations or {}
+        held_on_disk = all(k in files for k in keys)
+        specs.append(_measured(g, cts, device, held_on_disk))
+        data.append(
+            BlockData(g.name, keys, cts, [files[k] for k in keys] if held_on_disk else None)
+        )
+    return specs, data
+
+
+def _decoded_bytes(members: tuple[Member, ...]) -> int:
+    """Slot bytes: every tensor at an aligned offset (scheduler/tiers.py slot_layout)."""
+    a = SLOT_ALIGN
+    return sum((m.numel * m.dtype.itemsize + a - 1) // a * a for m in members)
+
+
+def _estimated(g: Group, device: torch.device, bits: float, on_disk: bool) -> BlockSpec:
+    largest = max(m.numel for m in g.members)
+    chunks = (largest + ESTIMATE_CHUNK - 1) // ESTIMATE_CHUNK
+    # the decoder's scratch: rANS slot tables (int32 per chunk) on CUDA, zstd symbols on the host
+    ws = 4 * (chunks << ESTIMATE_PROB_BITS) if device.type == "cuda" else largest
+    return BlockSpec(
+        g.name,
+        sum(m.numel for m in g.members),
+        _decoded_bytes(g.members),
+        sum(int(m.numel * bits / 8) + HEADER_BYTES_ESTIMATE for m in g.members),
+        ws,
+        g.uses,
+        on_disk=on_disk,
+        setup_bytes=int(largest * bits / 8) + HEADER_BYTES_ESTIMATE,
+    )
+
+
+def _measured(
+    g: Group, cts: list[CompressedTensor], device: torch.device, on_disk: bool
+) -> BlockSpec:
+    _, slot_bytes = slot_layout(cts, [m.key for m in g.members])
+    if device.type == "cuda":  # rANS slot tables, int32, one tensor at a time
+        ws = max(
+            (4 * (ct.header.n_chunks << ct.header.prob_bits) for ct in cts if ct.codec == "ans"),
+            default=0,
+        )
+    else:  # the zstd symbol buffer
+        ws = max((ct.numel for ct in cts if ct.codec == "zstd"), default=0)
+    return BlockSpec(
+        g.name,
+        sum(ct.numel for ct in cts),
+        slot_bytes,
+        PackedLayout.of(cts).nbytes + sum(ct.header_nbytes for ct in cts),
+        ws,
+        g.uses,
+        stored_bytes=sum(ct.nbytes for ct in cts),
+        on_disk=on_disk,
+        # made resident decoded, its tensors visit the device compressed one at a time (where
+        # blocks are copied: the plan counts it only then)
+        setup_bytes=max((ct.nbytes for ct in cts), default=0),
+    )

@@ -1,0 +1,158 @@
+"""A model's weights from a neuzip checkpoint: placed where the checkpoint holds them.
+
+What load() does between analysis and blocks: each compressed weight's pieces are taken as the
+checkpoint stores them (headers read, planes left in their files; the executor reads them
+into host memory or from disk as the plan says). The converter cuts pieces by the same rule as
+dispatch (pieces.py), so only a weight stored plain, or in pieces its module cannot use (column
+pieces), is decoded and compressed again. A layer block is read whole or held whole. The other
+tensors (norms, biases, buffers) are read and put in place of their meta placeholders.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from concurrent.futures import Executor as ThreadPool
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import INDEX_NAME, Checkpoint, Entry
+from .codec import decompress
+from .compressed import CompressedTensor
+from .encode import compress_weights
+from .model_analysis import (
+    Weight,
+    check_materialized,
+    cut_pieces,
+    layer_bytes,
+    set_tensor,
+    weight_names,
+)
+from .modules import kind_of
+from .options import DispatchError, DispatchOptions
+from .storage import PlaneLocation
+
+log = logging.getLogger(__name__)
+
+
+def check_codec(ck: Checkpoint, device: torch.device) -> None:
+    """Refuse a host codec on a GPU; warn of the GPU codec on the CPU (slow, but it works)."""
+    if device.type == "cuda" and ck.settings.get("codec") == "zstd":
+        raise DispatchError(
+            f"{ck.path} is coded with zstd, a host codec: on a GPU every block would be decoded "
+            "on the host. Convert it for the GPU with `neuzip-offload compress --codec ans`, or "
+            "load it with device='cpu'"
+        )
+    if device.type == "cpu" and ck.settings.get("codec") == "ans":
+        log.warning(
+            "%s is coded with ans, which the CPU decodes at ~0.1 GB/s; for CPU inference convert "
+            "with codec='zstd' (neuzip-offload compress --codec zstd)",
+            ck.path,
+        )
+
+
+def stored_bits_per_weight(ck: Checkpoint) -> float:
+    """Bits per weight of the checkpoint's compressed tensors, as stored (planes and headers)."""
+    n = sum(math.prod(e.shape) for e in ck.entries.values() if e.kind == "compressed")
+    return 8 * ck.compressed_bytes() / max(n, 1)
+
+
+def first_dtype(ck: Checkpoint) -> torch.dtype:
+    """The dtype of the checkpoint's first compressed tensor (bf16 when it has none)."""
+    first = next((e for e in ck.entries.values() if e.kind == "compressed"), None)
+    return getattr(torch, first.dtype) if first is not None else torch.bfloat16
+
+
+def place_weights(
+    ck: Checkpoint, weights: list[Weight], opts: DispatchOptions, pool: ThreadPool | None
+) -> tuple[dict[str, CompressedTensor], dict[str, dict[str, PlaneLocation]]]:
+    """(piece key → tensor, piece key → its planes' files) for every compressed weight: headers
+    with placeholder planes where the checkpoint's pieces are used as stored, real planes where
+    they were compressed again or a layer block must be held whole."""
+    compressed: dict[str, CompressedTensor] = {}
+    locations: dict[str, dict[str, PlaneLocation]] = {}
+    for w in weights:
+        entry = _entry_for(ck, w)
+        w.dtype = getattr(torch, entry.dtype)
+        dims = {kind_of(m).split_dim for _, m in w.users}
+        if entry.kind == "compressed" and (len(entry.pieces) == 1 or dims == {0}):
+            w.pieces = [(p, a, b) for p, _, a, b in entry.pieces]
+            for p, shard, _, _ in entry.pieces:
+                header = ck.header(p, shard)
+                placeholders = {
+                    k: torch.empty(n, dtype=torch.uint8, device="meta")
+                    for k, n in header.plane_sizes().items()
+                }
+                compressed[p] = CompressedTensor(header, placeholders, p)
+                locations[p] = ck.locations(p, shard)
+        else:  # stored plain, or in pieces this module cannot use: decode and compress again
+            w.param = read_entry(ck, entry)
+            cut_pieces([w], max(layer_bytes(weights).values(), default=0))
+            compressed.update(
+                compress_weights([w], opts.codec, {}, pool, False, opts.encode_budget)
+            )
+    _unify_blocks(weights, compressed, locations, ck)
+    return compressed, locations
+
+
+def fill_model(ck: Checkpoint, model: nn.Module, weights: list[Weight]) -> None:
+    """Read every tensor that is not a compressed weight into the meta-built model."""
+    names = weight_names(weights)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name in names or t.device.type != "meta":
+            continue
+        key = name if name in ck.entries else ck.aliases.get(name)
+        if key is None:
+            raise DispatchError(f"{ck.path}: the checkpoint lacks {name}")
+        set_tensor(model, name, read_entry(ck, ck.entries[key]))
+    check_materialized(model, weights)
+
+
+def read_entry(ck: Checkpoint, entry: Entry) -> torch.Tensor:
+    """A tensor of the checkpoint, decoded (pieces joined)."""
+    if entry.kind == "plain":
+        return ck.read_plain(entry.name)
+    # read_compressed checked each checksum already
+    parts = [
+        decompress(ck.read_compressed(p, shard), verify=False) for p, shard, _, _ in entry.pieces
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def copy_shards(ck: Checkpoint, dst: Path) -> Checkpoint:
+    """The checkpoint's shards copied to ``dst`` (a faster disk), reopened there."""
+    dst.mkdir(parents=True, exist_ok=True)
+    shards = {p[1] for e in ck.entries.values() if e.pieces for p in e.pieces}
+    shards |= {e.shard for e in ck.entries.values() if e.shard}
+    for f in [INDEX_NAME, *sorted(shards)]:
+        if not (dst / f).exists() or (dst / f).stat().st_size != (ck.path / f).stat().st_size:
+            shutil.copyfile(ck.path / f, dst / f)
+    return Checkpoint(dst)
+
+
+def _entry_for(ck: Checkpoint, w: Weight) -> Entry:
+    for name in w.names:
+        key = name if name in ck.entries else ck.aliases.get(name)
+        if key is not None:
+            return ck.entries[key]
+    raise DispatchError(f"{ck.path}: the checkpoint lacks {w.key}")
+
+
+def _unify_blocks(
+    weights: list[Weight],
+    compressed: dict[str, CompressedTensor],
+    locations: dict[str, dict[str, PlaneLocation]],
+    ck: Checkpoint,
+) -> None:
+    """A layer block is read from disk whole or held in memory whole: read stragglers now."""
+    for root in {w.root for w in weights if w.root is not None}:
+        keys = [k for w in weights if w.root == root for k, _, _ in w.pieces]
+        on_disk = [k for k in keys if k in locations]
+        if on_disk and len(on_disk) != len(keys):
+            for k in on_disk:
+                loc = locations.pop(k)
+                shard = next(iter(loc.values())).path.name
+                compressed[k] = ck.read_compressed(k, shard)

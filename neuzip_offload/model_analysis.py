@@ -1,0 +1,327 @@
+"""What dispatch compresses in a model, read off its modules (the Hugging Face-aware part).
+
+First step of the data path: model → weights (this file) → blocks (blocks.py) → plan
+(planning.py) → executor → modules. Compressed: the weight of every nn.Linear, nn.Embedding
+and transformers Conv1D (a tied pair once, with all the modules that use it). Blocks: the
+modules named by a transformers model's ``_no_split_modules`` (its decoder layers), else the
+entries of its largest nn.ModuleList, or their parts (attention, MLP) or single matrices at a
+finer granularity; every other weight is a block of its own, cut into pieces by the one piece
+rule (pieces.py) when it is larger than the largest layer. Also: the reserve estimate from a
+config, and building / filling a model on the meta device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import pieces as piece_rule
+from .modules import CompressedModule, kind_of
+from .options import GRANULARITIES, DispatchError
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass
+class Weight:
+    """One compressed weight: its users, its block and its pieces."""
+
+    key: str  # qualified name of the parameter (its first user's)
+    param: torch.Tensor | None  # the decoded values until compressed, then None
+    users: list[tuple[str, nn.Module]]  # (qualified module name, module) that use it
+    kind: type[CompressedModule]
+    root: str | None = None  # the block holding it, if any
+    pieces: list[tuple[str, int, int]] = field(default_factory=list)  # (key, start, stop)
+    shape: torch.Size = field(init=False)
+    dtype: torch.dtype = field(init=False)
+    device: torch.device = field(init=False)
+    requires_grad: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        p = self.param
+        self.shape, self.dtype, self.device = p.shape, p.dtype, p.device
+        self.requires_grad = p.requires_grad
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape.numel() * self.dtype.itemsize
+
+    @property
+    def names(self) -> list[str]:
+        """Every parameter name under which the weight appears (tied: several)."""
+        return [f"{qn}.weight" if qn else "weight" for qn, _ in self.users]
+
+    def piece_numel(self, start: int, stop: int) -> int:
+        """Weights in the piece [start, stop) along the split dimension."""
+        return self.shape.numel() * (stop - start) // max(self.shape[self.kind.split_dim], 1)
+
+    def piece_of(self, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The piece [start, stop) of ``t`` (this weight's values), a view."""
+        if len(self.pieces) == 1:
+            return t
+        return t.narrow(self.kind.split_dim, start, stop - start)
+
+
+def check_model(model: object, allow_meta: bool = False) -> nn.Module:
+    """The model, if dispatch can take it: an nn.Module, not dispatched yet, and (unless its
+    weights come from files) with no weights on the meta device."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if hasattr(model, "neuzip"):
+        raise DispatchError("model is already dispatched; call neuzip_offload.undispatch(model)")
+    if not allow_meta and any(p.device.type == "meta" for p in model.parameters()):
+        raise DispatchError(
+            "model has weights on the meta device and no checkpoint to fill them from; pass "
+            "checkpoint= (a Hugging Face safetensors directory) or use neuzip_offload.load"
+        )
+    return model
+
+
+def layer_roots(model: nn.Module) -> list[str]:
+    """Names of the layer blocks: _no_split_modules classes, else the largest ModuleList."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    roots: list[str] = []
+    if names:
+        for qn, m in model.named_modules():
+            if type(m).__name__ in names and not any(qn.startswith(r + ".") for r in roots):
+                roots.append(qn)
+    if roots:
+        return roots
+    best, best_params = None, 0
+    for qn, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 1:
+            n = sum(p.numel() for p in m.parameters())
+            if n > best_params:
+                best, best_params = qn, n
+    if best is None:
+        return []
+    return [f"{best}.{i}" if best else str(i) for i in range(len(model.get_submodule(best)))]
+
+
+def block_roots(model: nn.Module, granularity: str) -> list[str]:
+    """Roots of the blocks inside the layers: whole layers, their direct children that hold
+    weights (attention, MLP), or every compressed module on its own."""
+    layers = layer_roots(model)
+    if granularity == "layer":
+        return layers
+    roots = []
+    for r in layers:
+        layer = model.get_submodule(r)
+        for name, child in layer.named_children():
+            qn = f"{r}.{name}" if r else name
+            held = [m for m in child.modules() if kind_of(m) is not None]
+            if not held:
+                continue
+            if granularity == "module" or kind_of(child) is not None:
+                roots.append(qn)
+            else:
+                roots.extend(
+                    f"{qn}.{n}" for n, m in child.named_modules() if n and kind_of(m) is not None
+                )
+    return roots
+
+
+def find_weights(model: nn.Module, frozen_only: bool = False) -> list[Weight]:
+    """Every compressible weight, once, with all modules that use it (tied weights: several).
+
+    ``frozen_only``: skip weights that require grad (the adapters of a LoRA model)."""
+    found: dict[int, Weight] = {}
+    for qn, m in model.named_modules():
+        kind = kind_of(m)
+        w = getattr(m, "weight", None)
+        if kind is None or not isinstance(w, torch.Tensor) or w.dim() != 2:
+            continue
+        if frozen_only and w.requires_grad:
+            continue
+        if id(w) in found:
+            found[id(w)].users.append((qn, m))
+        else:
+            key = f"{qn}.weight" if qn else "weight"
+            found[id(w)] = Weight(key, w, [(qn, m)], kind)
+    return list(found.values())
+
+
+def inside(qn: str, root: str) -> bool:
+    """Whether module ``qn`` is ``root`` or one of its descendants."""
+    return qn == root or qn.startswith(root + ".")
+
+
+def cut_pieces(weights: list[Weight], limit: int, trainable: bool = False) -> None:
+    """Row (or, for Conv1D, column) pieces for weights outside the layers larger than ``limit``.
+
+    Not when training through a Linear or Conv1D: its input gradient would then be summed piece
+    by piece, in another order than one matrix product sums it (not bit-identical)."""
+    for w in weights:
+        length = w.shape[w.kind.split_dim]
+        split_dims = {kind_of(m).split_dim for _, m in w.users}
+        whole = trainable and any(not isinstance(m, nn.Embedding) for _, m in w.users)
+        cuts = piece_rule.cut(length, w.nbytes, limit)
+        if w.root is not None or len(split_dims) > 1 or whole or len(cuts) == 1:
+            w.pieces = [(w.key, 0, length)]
+            continue
+        w.pieces = [(f"{w.key}[{i}]", a, b) for i, (a, b) in enumerate(cuts)]
+
+
+def layer_bytes(weights: list[Weight]) -> dict[str, int]:
+    """Decoded bytes of each block that holds weights."""
+    sizes: dict[str, int] = {}
+    for w in weights:
+        if w.root is not None:
+            sizes[w.root] = sizes.get(w.root, 0) + w.nbytes
+    return sizes
+
+
+def _partly_frozen(model: nn.Module) -> bool:
+    flags = {p.requires_grad for p in model.parameters()}
+    return flags == {True, False}
+
+
+def analyze(
+    model: nn.Module,
+    max_block_bytes: int | None,
+    granularity: str = "layer",
+    trainable: bool = False,
+) -> tuple[list[Weight], list[str]]:
+    """The compressible weights (with their block and pieces) and the block roots.
+
+    A partly frozen model (LoRA) dispatched for inference-style use gets only its frozen
+    weights compressed; ``trainable`` compresses every weight. Pieces: weights outside the
+    blocks larger than ``max_block_bytes`` (default: the largest block)."""
+    weights = find_weights(model, frozen_only=not trainable and _partly_frozen(model))
+    if not weights:
+        raise DispatchError(
+            "model has no Linear, Embedding or Conv1D weights to compress; nothing to dispatch"
+        )
+    for w in weights:
+        if w.dtype not in FLOAT_DTYPES:
+            raise DispatchError(f"{w.key} has dtype {w.dtype}; expected bf16, fp16 or fp32")
+        for _, m in w.users:
+            if isinstance(m, nn.Embedding) and m.max_norm is not None:
+                raise DispatchError(f"{w.key}: Embedding(max_norm=...) rewrites its weight")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    roots = block_roots(model, granularity)
+    for w in weights:
+        owner = w.users[0][0]
+        w.root = next((r for r in roots if inside(owner, r)), None)
+    sizes = {r: 0 for r in roots} | layer_bytes(weights)
+    limit = max_block_bytes if max_block_bytes is not None else max(sizes.values(), default=0)
+    cut_pieces(weights, limit, trainable)
+    return weights, roots
+
+
+def weight_names(weights: list[Weight]) -> dict[str, Weight]:
+    """Every parameter name under which a compressed weight appears (tied: several)."""
+    return {name: w for w in weights for name in w.names}
+
+
+def resident_bytes(model: nn.Module, weights: list[Weight]) -> int:
+    """Bytes of the parameters and buffers that stay decoded (everything but the weights)."""
+    skip = set(weight_names(weights))
+    seen, total = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name in skip or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def estimate_reserve(model: nn.Module, seq_len: int = 1024, batch: int = 1) -> int:
+    """Bytes for KV cache and activations at ``batch`` x ``seq_len`` tokens, from the config.
+
+    KV cache: 2 x layers x kv_heads x head_dim x tokens; activations: hidden states, attention
+    and MLP intermediates of one layer (4 x hidden + 3 x intermediate per token); logits of the
+    last position in fp32. 0 when the model has no transformers-style config.
+    """
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return 0
+
+    def get(*names, default=None):
+        for n in names:
+            v = getattr(cfg, n, None)
+            if v is not None:
+                return v
+        return default
+
+    hidden = get("hidden_size", "n_embd", "d_model")
+    layers = get("num_hidden_layers", "n_layer", "num_layers")
+    if hidden is None or layers is None:
+        return 0
+    heads = get("num_attention_heads", "n_head", default=1)
+    kv_heads = get("num_key_value_heads", default=heads)
+    head_dim = get("head_dim", default=hidden // heads)
+    inter = get("intermediate_size", "n_inner", default=None) or 4 * hidden
+    vocab = get("vocab_size", default=0)
+    seq = min(seq_len, get("max_position_embeddings", "n_positions", default=seq_len))
+    dtype_bytes = 2
+    for p in model.parameters():
+        dtype_bytes = p.element_size()
+        break
+    tokens = batch * seq
+    kv = 2 * layers * kv_heads * head_dim * tokens * dtype_bytes
+    act = tokens * (4 * hidden + 3 * inter) * dtype_bytes
+    return int(kv + act + batch * vocab * 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# models on the meta device: built from a config, filled from files
+# ---------------------------------------------------------------------------------------------
+
+
+def model_from_config(path: Path, dtype: torch.dtype) -> nn.Module:
+    """The causal LM a folder's config.json describes, built on the meta device (no weights
+    allocated): what load() fills from a checkpoint and plan_model() plans from a config."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise DispatchError(f"{path} has no config.json: pass model= (built on the meta device)")
+    # accelerate and transformers take seconds to import: only when a model is built here
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with init_empty_weights():
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except TypeError:  # transformers before 4.56 call it torch_dtype
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    return model.eval()
+
+
+def tie_meta_weights(model: nn.Module) -> None:
+    """Tie a meta-built transformers model's weights as its config says (from_config under
+    init_empty_weights leaves them untied in recent transformers)."""
+    if any(p.device.type == "meta" for p in model.parameters()) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put a loaded parameter or buffer in place of its meta placeholder (on the host)."""
+    from accelerate.utils import set_module_tensor_to_device  # slow to import: when loading
+
+    set_module_tensor_to_device(model, name, "cpu", value=value)
+
+
+def has_tensor(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is a parameter or buffer of the model."""
+    module_name, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        return False
+    return leaf in module._parameters or leaf in module._buffers
+
+
+def check_materialized(model: nn.Module, weights: list[Weight]) -> None:
+    """Raise when a parameter or buffer other than the compressed weights is still on meta."""
+    skip = set(weight_names(weights))
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and n not in skip]
+    missing += [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if missing:
+        raise DispatchError(
+            f"the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )

@@ -1,0 +1,187 @@
+"""The plan of a dispatch: planner options from the user's options, estimated plans before
+compressing, and the plan the executor runs.
+
+Third step of the data path: blocks (blocks.py) → plan (scheduler/plan.py, a pure function) →
+executor. Before anything is compressed, an *estimated* plan (compressed sizes from bits per
+weight) picks the granularity (whole layers, else their parts, else single matrices) and
+refuses a budget no compression could meet; after compressing, the plan is made from the
+measured blocks, and on CUDA again with the decode rate timed on the largest block.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from . import blocks as block_builder
+from . import budget, calibrate
+from .kernels import planes
+from .model_analysis import Weight, analyze, estimate_reserve, resident_bytes
+from .options import GRANULARITIES, DispatchOptions
+from .scheduler.executor import BlockData
+from .scheduler.plan import BlockSpec, Plan, PlanError, PlanOptions, make_plan
+
+log = logging.getLogger(__name__)
+
+CODED_EXPONENT_BITS = 2.65  # measured on MiniLM and SmolLM2 (BENCHMARKS.md)
+INDEX_BITS = 0.03  # headers, tables and checksums per weight
+SCALE_BITS = 7  # the lossy block scale, per block of ``block_size`` weights
+
+
+def raw_bits(dtype: torch.dtype) -> int:
+    """Bits per weight a lossless plane keeps uncoded (sign and mantissa), from the format."""
+    layout = planes.lossless_layout(dtype)
+    return 8 * layout.raw_bytes + layout.field_bits
+
+
+def estimated_bits(
+    dtype: torch.dtype, mode: str, mantissa_bits: int = 3, block_size: int = 512
+) -> float:
+    """Bits per weight to expect before compressing: the raw bits kept plus ~2.65 bits of coded
+    exponent (measured on MiniLM and SmolLM2, BENCHMARKS.md) and the index."""
+    if mode == "lossy":
+        return 1 + mantissa_bits + CODED_EXPONENT_BITS + SCALE_BITS / block_size + INDEX_BITS
+    return raw_bits(dtype) + CODED_EXPONENT_BITS + INDEX_BITS
+
+
+def reserve_bytes(opts: DispatchOptions, model: nn.Module) -> int:
+    """Device bytes kept for activations and KV cache ("auto": estimated from the config; on
+    CUDA at least a tenth of the budget when the model has no config)."""
+    if opts.reserve is None:
+        return 0
+    if opts.reserve == "auto":
+        est = estimate_reserve(model)
+        if est == 0 and opts.device.type == "cuda":
+            est = opts.device_bytes // 10
+        return est
+    return opts.reserve
+
+
+def training_scratch(weights: list[Weight], device: torch.device) -> int:
+    """Device bytes re-encoding the largest trained piece holds (the GPU encoder), else 0."""
+    if device.type != "cuda":
+        return 0
+    largest = [
+        (w.piece_numel(a, b), w.dtype.itemsize)
+        for w in weights
+        if w.requires_grad
+        for _, a, b in (w.pieces or [(w.key, 0, w.shape[w.kind.split_dim])])
+    ]
+    return max((budget.device_encode_bytes(n, s) for n, s in largest), default=0)
+
+
+def plan_options(
+    opts: DispatchOptions,
+    model: nn.Module,
+    weights: list[Weight],
+    disk: bool,
+    trainable: bool = False,
+) -> PlanOptions:
+    """The planner's options for ``model`` (whose compressed ``weights`` are not resident)."""
+    dev, rate = opts.device, opts.decode_rate
+    return PlanOptions(
+        device_bytes=opts.device_bytes,
+        host_bytes=opts.host_bytes,
+        reserve_bytes=reserve_bytes(opts, model),
+        resident_bytes=resident_bytes(model, weights),
+        prefetch=opts.prefetch,
+        copies=dev.type == "cuda",
+        pcie_gbps=opts.pcie_gbps,
+        decode_gbps=rate.gbps,
+        decode_source=rate.describe(dev),
+        device=str(dev),
+        disk=disk,
+        disk_gbps=opts.disk_gbps,
+        # re-encoded weights change size: no packed device copies; their encoder's scratch
+        device_compressed=not trainable,
+        scratch_bytes=training_scratch(weights, dev) if trainable else 0,
+    )
+
+
+def estimated_plan(
+    opts: DispatchOptions,
+    model: nn.Module,
+    weights: list[Weight],
+    bits: float,
+    on_disk: bool,
+    trainable: bool = False,
+) -> Plan:
+    """The plan from block sizes estimated at ``bits`` per weight (raises PlanError)."""
+    specs, _ = block_builder.build(weights, opts.device, bits=bits, on_disk=on_disk)
+    return make_plan(specs, plan_options(opts, model, weights, on_disk, trainable))
+
+
+def analyze_at_granularity(
+    opts: DispatchOptions,
+    model: nn.Module,
+    bits: float,
+    on_disk: bool,
+    trainable: bool = False,
+) -> tuple[list[Weight], list[str]]:
+    """(weights, roots) at the granularity asked, or for "auto" the coarsest whose estimated plan
+    fits: whole layers, else their attention/MLP parts, else single matrices."""
+    if opts.granularity != "auto":
+        return analyze(model, opts.max_block_bytes, opts.granularity, trainable)
+    for g in GRANULARITIES:
+        weights, roots = analyze(model, opts.max_block_bytes, g, trainable)
+        try:
+            estimated_plan(opts, model, weights, bits, on_disk)
+            return weights, roots
+        except PlanError:
+            continue
+    return weights, roots
+
+
+def refuse_hopeless(
+    opts: DispatchOptions,
+    model: nn.Module,
+    weights: list[Weight],
+    dtype: torch.dtype,
+    trainable: bool,
+) -> None:
+    """Raise PlanError before anything is compressed when no placement can fit: the plan is made
+    with compressed sizes at their floor (the raw bits alone, exponents coded in 0 bits), so a
+    budget refused here is refused by every real plan too. The error's minimum_device_bytes is
+    then that of sizes at their ceiling (exponents stored whole): a budget that surely fits."""
+    cfg = opts.codec
+    raw = 1 + cfg.mantissa_bits if cfg.mode == "lossy" else raw_bits(dtype)
+    try:
+        estimated_plan(opts, model, weights, raw, False, trainable)
+    except PlanError as e:
+        if e.minimum_device_bytes is None:  # the host budget: nothing better to say
+            raise
+        try:
+            estimated_plan(opts, model, weights, 1.05 * (raw + 9), False, trainable)
+            enough = opts.device_bytes
+        except PlanError as ceiling:
+            enough = ceiling.minimum_device_bytes or e.minimum_device_bytes
+        raise PlanError(
+            f"{e} (refused before compressing: max_gpu_mem={enough} bytes fits whatever the "
+            "weights compress to)",
+            minimum_device_bytes=enough,
+        ) from None
+
+
+def measured_plan(
+    opts: DispatchOptions,
+    model: nn.Module,
+    weights: list[Weight],
+    specs: list[BlockSpec],
+    data: list[BlockData],
+    trainable: bool,
+) -> tuple[Plan, DispatchOptions]:
+    """The plan the executor runs, from the compressed blocks; on CUDA without a given rate,
+    made again with the decode rate timed on the largest block. Returns the options with the
+    rate used."""
+    disk = any(d.locations is not None for d in data)
+    plan = make_plan(specs, plan_options(opts, model, weights, disk, trainable))
+    # it fits: so does timing one block (see calibrate.py)
+    if opts.device.type == "cuda" and opts.decode_rate.source == "default":
+        rate = calibrate.measured_rate(data, specs, opts.device, opts.codec)
+        opts = replace(opts, decode_rate=rate)
+        plan = make_plan(specs, plan_options(opts, model, weights, disk, trainable))
+    log.info("neuzip plan:\n%s", plan)
+    return plan, opts

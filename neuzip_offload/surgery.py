@@ -1,0 +1,169 @@
+"""Module surgery: a model's modules swapped for their compressed twins, hooked to the executor,
+and the exact inverse.
+
+Last step of the data path (modules.py runs the blocks). ``attach`` swaps every module whose
+weight is compressed for its twin (CompressedLinear, ...) reading that weight from the
+executor, lets the originals drop their weights, moves the parameters and buffers that stay
+decoded to the device, and adds the hooks: enter/exit on every block root (and on modules
+whose weight is a block of its own), begin/end of forward and input placement on the model.
+``Attachment.detach`` undoes each of these: hooks removed, the originals given their weights
+back (decoded, as parameters), swapped back in, the moved tensors returned to their devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .codec import decompress
+from .compressed import CompressedTensor
+from .model_analysis import Weight, inside
+from .modules import CompressedModule, Piece, Trainer, kind_of
+from .scheduler.executor import Executor
+
+
+@dataclass
+class Attachment:
+    """What ``attach`` changed in a model, in the order it changed it: the undo log."""
+
+    weights: list[Weight]  # their users are the original modules, which get them back
+    swaps: list[tuple[nn.Module, str, nn.Module, CompressedModule]] = field(default_factory=list)
+    moved: list[tuple[torch.Tensor, torch.device]] = field(default_factory=list)
+    hooks: list[RemovableHandle] = field(default_factory=list)
+
+    @property
+    def modules(self) -> list[CompressedModule]:
+        """The compressed twins now in the model."""
+        return [new for _, _, _, new in self.swaps]
+
+    def detach(self, decoded: Mapping[str, torch.Tensor]) -> None:
+        """Undo ``attach``: ``decoded`` holds every weight's values (by key), on its home
+        device; they become the originals' parameters again."""
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+        for w in self.weights:
+            param = nn.Parameter(decoded[w.key], requires_grad=w.requires_grad)
+            for _, m in w.users:
+                m.weight = param
+        for parent, attr, original, _ in self.swaps:
+            setattr(parent, attr, original)
+        for t, device in self.moved:
+            t.data = t.data.to(device)
+
+
+def attach(
+    model: nn.Module,
+    weights: list[Weight],
+    roots: list[str],
+    executor: Executor,
+    trainer: Trainer | None = None,
+) -> Attachment:
+    """Swap, move and hook ``model`` onto ``executor`` (``trainer``: the runtime that trains
+    the weights that require grad)."""
+    done = Attachment(weights)
+    _swap_modules(model, weights, executor, trainer, done)
+    _move_resident(model, executor.device, done)
+    _hook(model, weights, roots, executor, done)
+    return done
+
+
+def _module_at(model: nn.Module, qn: str) -> tuple[nn.Module, str]:
+    """(parent, attribute) of the module named ``qn``."""
+    parent_name, _, attr = qn.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def _swap_modules(
+    model: nn.Module,
+    weights: list[Weight],
+    executor: Executor,
+    trainer: Trainer | None,
+    done: Attachment,
+) -> None:
+    for w in weights:
+        pieces = [Piece(key, a, b, executor.block_index(key)) for key, a, b in w.pieces]
+        trains = trainer if w.requires_grad else None
+        for qn, m in w.users:
+            parent, attr = _module_at(model, qn)
+            new = kind_of(m)(m, pieces, executor, w.shape, w.dtype, trains)
+            setattr(parent, attr, new)
+            done.swaps.append((parent, attr, m, new))
+    # the originals let go of their weights (the compressed copies are the truth now)
+    for w in weights:
+        for _, m in w.users:
+            if isinstance(getattr(m, "weight", None), nn.Parameter):
+                del m.weight
+                m.register_parameter("weight", None)
+
+
+def _move_resident(model: nn.Module, dev: torch.device, done: Attachment) -> None:
+    """Parameters and buffers still in the model (the compressed weights are gone) → device."""
+    seen = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if t.device != dev:
+            done.moved.append((t, t.device))
+            t.data = t.data.to(dev)
+
+
+def _hook(
+    model: nn.Module, weights: list[Weight], roots: list[str], executor: Executor, done: Attachment
+) -> None:
+    """Enter/exit hooks on block roots; begin/end-of-forward and input placement on the model."""
+    from accelerate.utils import send_to_device  # seconds to import: not at `import neuzip_offload`
+
+    dev = executor.device
+
+    def add(module: nn.Module, b: int) -> None:
+        done.hooks.append(module.register_forward_pre_hook(lambda m, a: executor.enter(b)))
+        done.hooks.append(module.register_forward_hook(lambda m, a, o: executor.exit(b)))
+
+    for r in roots:
+        keys = [w.key for w in weights if w.root == r]
+        if keys:
+            add(model.get_submodule(r), executor.block_index(keys[0]))
+    for w in weights:
+        if len(w.pieces) > 1:
+            continue  # multi-piece weights enter their pieces themselves
+        b = executor.block_index(w.pieces[0][0])
+        for qn, _ in w.users:
+            if w.root is None or not inside(qn, w.root):
+                parent, attr = _module_at(model, qn)
+                add(getattr(parent, attr), b)
+
+    def pre(m, args, kwargs):
+        executor.begin_forward()
+        return send_to_device(args, dev), send_to_device(kwargs, dev)
+
+    done.hooks.append(model.register_forward_pre_hook(pre, with_kwargs=True))
+    done.hooks.append(model.register_forward_hook(lambda m, a, o: executor.end_forward()))
+
+
+def release_device_originals(
+    weights: list[Weight], compressed: Mapping[str, CompressedTensor]
+) -> Callable[[], None]:
+    """A model passed on the GPU lets go of its original weights before the executor allocates
+    (the compressed copies are the truth now), so originals and runtime never hold device memory
+    together. Returns what puts them back, decoded, if the executor cannot be built."""
+    released = []
+    for w in weights:
+        for _, m in w.users:
+            p = getattr(m, "weight", None)
+            if isinstance(p, torch.Tensor) and p.device.type == "cuda" and p.numel():
+                released.append((p, w))
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+    def restore() -> None:
+        for p, w in released:
+            parts = [decompress(compressed[key]) for key, _, _ in w.pieces]
+            full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=w.kind.split_dim)
+            p.data = full.reshape(w.shape).to(p.device)
+
+    return restore
