@@ -35,9 +35,10 @@ from .compressed import CompressedTensor
 from .config import CodecConfig
 from .kernels import HAS_TRITON, planes
 from .modules import CompressedModule, Piece, kind_of
-from .scheduler.executor import BlockData, Executor
+from .scheduler.executor import Executor
+from .scheduler.layout import PackedLayout, slot_layout
 from .scheduler.plan import DEVICE, BlockSpec, Plan, PlanError, PlanOptions, make_plan
-from .scheduler.tiers import PackedLayout, slot_layout
+from .scheduler.store import BlockData
 from .storage import pread_into
 from .workers import shared_pool
 

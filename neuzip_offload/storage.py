@@ -1,7 +1,7 @@
 """Where compressed planes sit in files, and the positional read that fetches one.
 
 Part of the format layer: checkpoint.py writes shards and names each plane's location, the
-scheduler's disk tier (scheduler/tiers.py) reads them back into pinned buffers. Neither the
+scheduler's disk tier (scheduler/reader.py) reads them back into pinned buffers. Neither the
 checkpoint nor this module knows the scheduler.
 """
 
