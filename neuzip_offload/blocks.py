@@ -22,9 +22,9 @@ import torch
 
 from .compressed import CompressedTensor
 from .model_analysis import Weight
-from .scheduler.executor import BlockData
+from .scheduler.layout import SLOT_ALIGN, PackedLayout, slot_layout
 from .scheduler.plan import BlockSpec
-from .scheduler.tiers import SLOT_ALIGN, PackedLayout, slot_layout
+from .scheduler.store import BlockData
 from .storage import PlaneLocation
 
 HEADER_BYTES_ESTIMATE = 1024  # a piece's header and index, before it exists
@@ -106,7 +106,7 @@ def build(
 
 
 def _decoded_bytes(members: tuple[Member, ...]) -> int:
-    """Slot bytes: every tensor at an aligned offset (scheduler/tiers.py slot_layout)."""
+    """Slot bytes: every tensor at an aligned offset (scheduler/layout.py slot_layout)."""
     a = SLOT_ALIGN
     return sum((m.numel * m.dtype.itemsize + a - 1) // a * a for m in members)
 

@@ -22,9 +22,10 @@ import torch
 
 from .codec import decode_into
 from .config import CodecConfig
-from .scheduler.executor import BlockData
+from .scheduler.layout import PackedLayout
 from .scheduler.plan import BlockSpec
-from .scheduler.tiers import PackedLayout, read_packed
+from .scheduler.reader import read_packed
+from .scheduler.store import BlockData
 
 log = logging.getLogger(__name__)
 

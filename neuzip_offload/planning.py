@@ -21,8 +21,8 @@ from . import budget, calibrate
 from .kernels import planes
 from .model_analysis import Weight, analyze, estimate_reserve, resident_bytes
 from .options import GRANULARITIES, DispatchOptions
-from .scheduler.executor import BlockData
 from .scheduler.plan import BlockSpec, Plan, PlanError, PlanOptions, make_plan
+from .scheduler.store import BlockData
 
 log = logging.getLogger(__name__)
 

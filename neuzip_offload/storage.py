@@ -1,7 +1,7 @@
 """safetensors files on disk: headers, deterministic atomic writes, and positional plane reads.
 
 Part of the format layer. The checkpoint reader (checkpoint.py) reads shard headers and names
-each plane's location, the scheduler's disk tier (scheduler/tiers.py) reads planes back into
+each plane's location, the scheduler's disk tier (scheduler/reader.py) reads planes back into
 pinned buffers with :func:`pread_into`, and every writer (conversion, save_compressed, the
 checkpoint index) publishes its files through :func:`atomic_write`. Nothing here knows the
 scheduler or the checkpoint layout.

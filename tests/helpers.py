@@ -162,9 +162,9 @@ def compressed_blocks(shapes_per_block, config=None, seed: int = 0):
     (weights per block, BlockData list, BlockSpec list with setup bytes)."""
     from neuzip_offload.codec import compress_many
     from neuzip_offload.config import CodecConfig
-    from neuzip_offload.scheduler.executor import BlockData
+    from neuzip_offload.scheduler.layout import PackedLayout, slot_layout
     from neuzip_offload.scheduler.plan import BlockSpec
-    from neuzip_offload.scheduler.tiers import PackedLayout, slot_layout
+    from neuzip_offload.scheduler.store import BlockData
 
     g = torch.Generator().manual_seed(seed)
     weights, blocks, specs = [], [], []

@@ -17,9 +17,9 @@ import torch
 
 import neuzip_offload as nzo
 from neuzip_offload.config import CodecConfig
+from neuzip_offload.scheduler.accounting import BudgetExceededError
 from neuzip_offload.scheduler.executor import Executor
 from neuzip_offload.scheduler.plan import DEVICE, PlanOptions, make_plan
-from neuzip_offload.scheduler.tiers import BudgetExceededError
 from tests.helpers import (
     check_device_memory,
     compressed_blocks,
@@ -133,14 +133,14 @@ def test_the_decode_rate_the_plan_used_is_printed():
 
 def _device_decoder(monkeypatch):
     """Make the executor decode with the Triton path (as on CUDA) under the interpreter."""
-    import neuzip_offload.scheduler.executor as executor_mod
+    import neuzip_offload.scheduler.decoder as decoder_mod
     from neuzip_offload.codec import decode_into
 
     def triton_decode(ct, out, **kw):
         kw.pop("workspace", None)
         return decode_into(ct, out, use_triton=True, **kw)
 
-    monkeypatch.setattr(executor_mod, "decode_into", triton_decode)
+    monkeypatch.setattr(decoder_mod, "decode_into", triton_decode)
 
 
 @requires_triton
@@ -152,7 +152,7 @@ def test_device_decode_damage_is_raised_at_the_end_of_the_forward(monkeypatch):
         make_plan(specs, o)
     plan = make_plan(specs, replace(o, device_bytes=e.value.minimum_device_bytes))
     ex = Executor(plan, blocks, torch.device("cpu"))
-    ex.per_tensor_decode = True
+    ex.decoder.per_tensor = True
     streamed = [b for b in ex.blocks() if b.tier != DEVICE]
     assert streamed
     victim = streamed[0]
@@ -183,7 +183,7 @@ def test_runtime_objects_do_not_pile_up_over_many_forwards(monkeypatch):
         blocks,
         torch.device("cpu"),
     )
-    ex.per_tensor_decode = True
+    ex.decoder.per_tensor = True
 
     def forward() -> None:
         ex.begin_forward()
@@ -271,3 +271,42 @@ def test_pinned_buffers_are_the_size_asked_and_unpinned_when_freed(monkeypatch):
     del view
     gc.collect()
     assert calls[-1] == ("unregister", ptr)
+
+
+# -- the Accountant and the host arena on their own ---------------------------------------------
+def test_the_accountant_refuses_past_its_limit_and_releases_transients():
+    from neuzip_offload.scheduler.accounting import Accountant
+
+    acc = Accountant(1000)
+    acc.hold("slots", 600)
+    buf = acc.allocate("staging", 300, torch.device("cpu"))
+    assert buf.numel() == 300 and buf.dtype == torch.uint8 and acc.total == 900
+    with pytest.raises(BudgetExceededError, match="workspace"):
+        acc.hold("workspace", 101)
+    assert acc.total == 900  # a refused hold holds nothing
+    with pytest.raises(RuntimeError, match="inside"), acc.transient("setup copy", 100):
+        assert acc.total == 1000
+        raise RuntimeError("inside")
+    assert acc.held["setup copy"] == 0 and acc.peak == 1000
+    with acc.transient("setup copy", 500, limit=1400):  # a limit above the budget (setup)
+        assert acc.total == 1400
+    with pytest.raises(BudgetExceededError):
+        acc.transient("setup copy", 101).__enter__()
+    acc.release("staging", 300)
+    assert acc.total == 600 and acc.peak == 1400
+
+
+def test_the_host_arena_hands_out_aligned_pieces_of_exactly_its_size():
+    from neuzip_offload.scheduler.accounting import HostArena
+    from neuzip_offload.scheduler.layout import PLANE_ALIGN
+
+    parts = [100, 64, 1]
+    arena = HostArena(HostArena.size(parts))
+    assert arena.buf.numel() == 128 + 64 + 64
+    pieces = [arena.take(n) for n in parts]
+    assert [p.numel() for p in pieces] == parts
+    base = arena.buf.data_ptr()
+    assert [p.data_ptr() - base for p in pieces] == [0, 128, 192]
+    assert all((p.data_ptr() - base) % PLANE_ALIGN == 0 for p in pieces)
+    with pytest.raises(BudgetExceededError, match="host arena"):
+        arena.take(1)
