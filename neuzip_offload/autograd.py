@@ -20,12 +20,14 @@ from .scheduler.executor import Executor
 
 
 class _Saved:
-    """What the graph keeps instead of a decoded weight: its key and the view it saved."""
+    """What the graph keeps instead of a decoded weight: its key, the view it saved, and the
+    weight's version then (a training step after it makes the graph stale)."""
 
-    __slots__ = ("key", "offset", "size", "stride")
+    __slots__ = ("key", "offset", "size", "stride", "version")
 
-    def __init__(self, key: str, size, stride, offset: int):
+    def __init__(self, key: str, size, stride, offset: int, version: int):
         self.key, self.size, self.stride, self.offset = key, size, stride, offset
+        self.version = version
 
 
 @contextlib.contextmanager
@@ -36,14 +38,25 @@ def saved_weights_redecoded(executor: Executor, key: str, weight: torch.Tensor) 
     end = start + weight.numel() * weight.element_size()
     item = weight.element_size()
 
+    version = executor.version(key)
+
     def pack(t: torch.Tensor):
         if start <= t.data_ptr() < end and t.dtype == weight.dtype:
-            return _Saved(key, t.size(), t.stride(), (t.data_ptr() - start) // item)
+            return _Saved(key, t.size(), t.stride(), (t.data_ptr() - start) // item, version)
         return t
 
     def unpack(obj):
         if not isinstance(obj, _Saved):
             return obj
+        if executor.version(obj.key) != obj.version:
+            # torch refuses the same ("modified by an inplace operation"); decoding the new
+            # weight instead would give gradients of weights the forward never used
+            executor.abandon_backward()
+            raise RuntimeError(
+                f"weight {obj.key!r} was updated after the forward that saved it (by the step "
+                "of a later backward): this graph is stale. Backpropagate each loss before the "
+                "next step, or compute losses you do not train on under torch.no_grad()"
+            )
         w = executor.backward_weight(obj.key)
         return w.as_strided(obj.size, obj.stride, w.storage_offset() + obj.offset)
 

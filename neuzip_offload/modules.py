@@ -70,13 +70,24 @@ class CompressedModule(nn.Module):
 
     def _run(self, piece: Piece, op):
         """``op(weight)`` on a piece's decoded weight. With autograd on, the weight is a trainable
-        leaf (when training) and backward decodes it again instead of keeping it."""
-        w = self._executor.weight(piece.key)
-        if not torch.is_grad_enabled():
-            return op(w)
-        used = self._trainer.leaf(piece.key, w) if self._trainer is not None else w
-        with saved_weights_redecoded(self._executor, piece.key, w):
-            return op(used)
+        leaf (when training) and backward decodes it again instead of keeping it.
+
+        The block is entered here when no hook did: gradient checkpointing re-runs a layer's
+        forward inside backward without its module hooks (transformers wraps ``forward``)."""
+        ex = self._executor
+        entered_here = not ex.is_entered(piece.block)
+        if entered_here:
+            ex.enter(piece.block, predictable=False)
+        try:
+            w = ex.weight(piece.key)
+            if not torch.is_grad_enabled():
+                return op(w)
+            used = self._trainer.leaf(piece.key, w) if self._trainer is not None else w
+            with saved_weights_redecoded(ex, piece.key, w):
+                return op(used)
+        finally:
+            if entered_here:
+                ex.exit(piece.block)
 
     def _over_pieces(self, fn, predictable: bool = True) -> list[torch.Tensor]:
         ex = self._executor

@@ -12,6 +12,7 @@ back (decoded, as parameters), swapped back in, the moved tensors returned to th
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -123,7 +124,10 @@ def _hook(
 
     def add(module: nn.Module, b: int) -> None:
         done.hooks.append(module.register_forward_pre_hook(lambda m, a: executor.enter(b)))
-        done.hooks.append(module.register_forward_hook(lambda m, a, o: executor.exit(b)))
+        # always_call: a forward that raises still leaves its block (its slot is freed)
+        done.hooks.append(
+            module.register_forward_hook(lambda m, a, o: executor.exit(b), always_call=True)
+        )
 
     for r in roots:
         keys = [w.key for w in weights if w.root == r]
@@ -139,11 +143,19 @@ def _hook(
                 add(getattr(parent, attr), b)
 
     def pre(m, args, kwargs):
-        executor.begin_forward()
-        return send_to_device(args, dev), send_to_device(kwargs, dev)
+        executor.begin_forward()  # waits while another thread's forward runs (one at a time)
+        try:
+            return send_to_device(args, dev), send_to_device(kwargs, dev)
+        except BaseException:
+            executor.end_forward(failed=True)
+            raise
+
+    def post(m, args, output):
+        # always_call: torch runs it from its exception handler when the forward raised
+        executor.end_forward(failed=sys.exc_info()[1] is not None)
 
     done.hooks.append(model.register_forward_pre_hook(pre, with_kwargs=True))
-    done.hooks.append(model.register_forward_hook(lambda m, a, o: executor.end_forward()))
+    done.hooks.append(model.register_forward_hook(post, always_call=True))
 
 
 def release_device_originals(

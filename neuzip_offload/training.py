@@ -33,6 +33,8 @@ import ctypes
 import logging
 import math
 import sys
+import threading
+import weakref
 from concurrent.futures import Executor as ThreadPool
 from typing import TYPE_CHECKING
 
@@ -71,8 +73,13 @@ class Trainer:
         self.clip_mode = options.clip_mode
         self.grad_norm: float | None = None  # global norm of the last applied step
         self._sq: torch.Tensor | None = None  # this backward's sum of squares, on the device
-        self._uses: dict[str, int] = {}
+        # Gradients of compressed weights, per key: uses of this forward still to deliver one
+        # (live leaves), the sum so far, keys whose sum is complete. Leaves die and hooks run on
+        # autograd's threads too: these three change under the lock.
+        self._lock = threading.RLock()  # reentrant: a leaf may die (GC) while it is held
+        self._live: dict[str, int] = {}
         self._partial: dict[str, torch.Tensor] = {}
+        self._ready: list[str] = []
         self._accum: dict[str, torch.Tensor] = {}  # fp32 sums, pinned on the host (CUDA)
         self._micro: dict[str, int] = {}
         # the optimizer's copies go on the executor's copy stream
@@ -85,6 +92,7 @@ class Trainer:
                 p.register_post_accumulate_grad_hook(lambda t, name=name: self._on_plain(name, t))
             )
         self.executor.on_backward_end.append(self._end_backward)
+        self.executor.on_backward_abandoned.append(self._abandon)
 
     def close(self) -> None:
         self.mover.synchronize()  # no copy into the state or the planes outlives the trainer
@@ -94,26 +102,61 @@ class Trainer:
 
     # -- the forward side ---------------------------------------------------------------------
     def leaf(self, key: str, weight: torch.Tensor) -> torch.Tensor:
-        """A trainable leaf over the decoded weight for one use in this forward."""
+        """A trainable leaf over the decoded weight for one use in this forward.
+
+        The update of ``key`` waits for every live use to deliver its gradient; a use whose
+        graph is dropped without a backward (a validation loss, a skipped batch) stops counting
+        when its leaf dies, and a use whose gradient never comes (the forward that gradient
+        checkpointing re-runs inside backward) is settled at the end of the backward."""
         leaf = weight.detach().requires_grad_(True)
-        self._uses[key] = self._uses.get(key, 0) + 1
-        leaf.register_post_accumulate_grad_hook(lambda t, key=key: self._on_grad(key, t))
+        use = _Use(key)
+        with self._lock:
+            self._live[key] = self._live.get(key, 0) + 1
+        leaf.register_post_accumulate_grad_hook(lambda t, use=use: self._on_grad(use, t))
+        weakref.finalize(leaf, self._gone, use)
         return leaf
 
+    def _gone(self, use: _Use) -> None:
+        """A leaf died (its graph was freed). Runs wherever the last reference went (possibly
+        inside autograd): it only counts; updates run from the hooks or the end of backward."""
+        with self._lock:
+            if use.done:
+                return
+            use.done = True
+            if self._settle(use.key) and use.key in self._partial:
+                self._ready.append(use.key)
+
+    def _settle(self, key: str) -> bool:
+        """One use of ``key`` is done: whether none is live any more. Under self._lock."""
+        left = self._live[key] - 1
+        if left:
+            self._live[key] = left
+            return False
+        del self._live[key]
+        return True
+
     # -- gradients arrive -----------------------------------------------------------------------
-    def _on_grad(self, key: str, leaf: torch.Tensor) -> None:
+    def _on_grad(self, use: _Use, leaf: torch.Tensor) -> None:
         grad, leaf.grad = leaf.grad, None
-        part = self._partial.get(key)
-        if part is None:
-            self._partial[key] = grad
-        else:  # as autograd would sum them; in place, the partial sum is ours alone
-            part += grad
-            del grad
-        self._uses[key] -= 1
-        if self._uses[key] > 0:
-            return
-        del self._uses[key]
-        self._micro_step(key, self._partial.pop(key), self._apply_compressed)
+        key = use.key
+        with self._lock:
+            use.done = True
+            part = self._partial.get(key)
+            if part is None:
+                self._partial[key] = grad
+            else:  # as autograd would sum them; in place, the partial sum is ours alone
+                part += grad
+                del grad
+            if self._settle(key):
+                self._ready.append(key)
+            ready, self._ready = self._ready, []
+        for k in ready:
+            self._apply_partial(k)
+
+    def _apply_partial(self, key: str) -> None:
+        grad = self._partial.pop(key, None)
+        if grad is not None:
+            self._micro_step(key, grad, self._apply_compressed)
 
     def _on_plain(self, name: str, param: torch.Tensor) -> None:
         grad, param.grad = param.grad, None
@@ -153,6 +196,14 @@ class Trainer:
         return grad
 
     def _end_backward(self) -> None:
+        # Sums still waiting for a use that will not deliver in this backward (a forward
+        # re-run by gradient checkpointing, a graph kept alive but not backpropagated): this
+        # backward's step applies them now, as torch's optimizer.step() after it would.
+        with self._lock:
+            waiting = list(self._partial)
+            self._ready.clear()
+        for key in waiting:
+            self._apply_partial(key)
         if self._sq is not None:  # an update was applied: one synchronization per step
             self.grad_norm = math.sqrt(float(self._sq))
             self.steps += 1
@@ -162,6 +213,13 @@ class Trainer:
         self.mover.synchronize()
         return_freed_memory()
 
+    def _abandon(self) -> None:
+        """The backward failed before its end: its partial sums are dropped (never applied)."""
+        with self._lock:
+            self._partial.clear()
+            self._ready.clear()
+        self._sq = None
+
     # -- the update of a compressed weight -------------------------------------------------------
     def _apply_compressed(self, key: str, grad: torch.Tensor) -> None:
         ex = self.executor
@@ -170,6 +228,7 @@ class Trainer:
         try:
             weight = ex.weight(key)
             self.optimizer.update(key, weight, grad)
+            ex.updated(key)  # graphs saved before this update refuse backward
             if ex.is_resident(b):
                 self.records.keep_decoded(key)  # the decoded tensor is the truth; encode on save
             else:
@@ -187,6 +246,16 @@ class Trainer:
                 ex.replace(key, ct, ready=ready)  # its repacking waits for the copy
         finally:
             ex.exit(b)
+
+
+class _Use:
+    """One use of a compressed weight in a forward: done once it delivered or its leaf died."""
+
+    __slots__ = ("done", "key")
+
+    def __init__(self, key: str):
+        self.key = key
+        self.done = False
 
 
 _NORM_PIECE = 1 << 20

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor as ThreadPool
@@ -148,6 +149,14 @@ class Executor:
         self._in_backward = False
         self._backward_held: set[int] = set()
         self.on_backward_end: list = []  # callbacks, e.g. the trainer's end of step
+        self.on_backward_abandoned: list = []  # callbacks: a backward failed before its end
+        # One pass at a time: a forward holds this from begin_forward to end_forward, so that
+        # forwards from several threads run one after another (the slots, the order and the
+        # cursor are this executor's alone). Reentrant: a model may call itself.
+        self._lock = threading.RLock()
+        self._forward_thread: int | None = None
+        self._forward_depth = 0
+        self._versions: dict[str, int] = {}  # per key: updates since dispatch (training)
         self.closed = False
 
     # -- the forward and backward protocol -------------------------------------------------------
@@ -167,18 +176,57 @@ class Executor:
             self._note(f"{phase} order", tuple(self.store.blocks[i].name for i in recorded))
 
     def begin_forward(self) -> None:
+        """A forward of the model starts (waits while another thread's forward runs)."""
+        self._lock.acquire()
+        self._forward_depth += 1
+        if self._forward_depth > 1:
+            return  # the model called within its own forward: one pass
+        self._forward_thread = threading.get_ident()
+        if self._in_backward:
+            # A backward that raised never reached its end (torch runs no end-of-backward
+            # callback after an error): release what it held before this forward runs.
+            self.abandon_backward()
         self.tracker.begin("forward")
 
-    def end_forward(self) -> None:
-        self.stats.forwards += 1
-        self._end("forward")
-        self.decoder.check_damage()
+    def end_forward(self, failed: bool = False) -> None:
+        """The forward begun last ended (``failed``: by an exception; it records no order)."""
+        try:
+            if self._forward_depth == 1:
+                self._forward_thread = None
+                if failed:
+                    self.tracker.abandon()
+                else:
+                    self.stats.forwards += 1
+                    self._end("forward")
+                    self.decoder.check_damage()
+        finally:
+            self._forward_depth -= 1
+            self._lock.release()
+
+    def is_entered(self, b: int) -> bool:
+        """Whether block ``b`` is entered now (its weights may be asked for)."""
+        return b in self._entered
+
+    def version(self, key: str) -> int:
+        """How many times the weight ``key`` was updated since dispatch (see ``updated``)."""
+        return self._versions.get(key, 0)
+
+    def updated(self, key: str) -> None:
+        """The weight ``key`` changed (a training step): graphs saved before refuse backward."""
+        self._versions[key] = self._versions.get(key, 0) + 1
 
     def backward_weight(self, key: str) -> torch.Tensor:
         """A weight for backward (the graph kept only a marker): its block is entered, earlier
         backward blocks are released — their ops have been issued by now — and the end of the
         backward pass releases the rest."""
         b = self.store.index(key)
+        owner = self._forward_thread
+        if owner is not None and owner != threading.get_ident():
+            raise RuntimeError(
+                "a backward asked for a weight while another thread's forward is running on "
+                "the same dispatched model; train one model from one thread (forwards from "
+                "several threads are serialized, a backward is not)"
+            )
         if not self._in_backward:
             self._in_backward = True
             self.tracker.begin("backward")
@@ -191,11 +239,22 @@ class Executor:
             self._backward_held.add(b)
         return self.weight(key)
 
-    def _end_backward(self) -> None:
+    def _release_backward(self) -> None:
         for held in list(self._backward_held):
             self.exit(held)
         self._backward_held.clear()
         self._in_backward = False
+
+    def abandon_backward(self) -> None:
+        """The backward running now failed: release its blocks, record no order, and tell the
+        listeners (the trainer drops its partial gradients)."""
+        self._release_backward()
+        self.tracker.abandon()
+        for fn in self.on_backward_abandoned:
+            fn()
+
+    def _end_backward(self) -> None:
+        self._release_backward()
         self._end("backward")
         for fn in self.on_backward_end:
             fn()

@@ -39,6 +39,12 @@ class OrderTracker:
             self.phase = "forward"
         return recorded
 
+    def abandon(self) -> None:
+        """The pass running now failed: it records nothing, and forward is the phase again."""
+        self._recording = None
+        self.phase = "forward"
+        self._cursor = 0
+
     def predicted(self) -> list[int]:
         """This phase's order: recorded, or predicted (module order; backward: reversed)."""
         if self.orders[self.phase] is not None:
