@@ -11,7 +11,8 @@ the trainer reports re-encoded and updated pieces through :class:`PieceRecords`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor as ThreadPool
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -135,6 +136,10 @@ class Dispatched:
         self.attachment = attachment
         self._weights = weights
         self._records = records
+        # weights decoded for state_dict(): tied users get the one tensor while it lives
+        self._decoded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        for m in attachment.modules:
+            m.read_weight_with(self.decoded)
 
     @property
     def optimizer(self):
@@ -154,6 +159,34 @@ class Dispatched:
         (its pinned host buffer, or the device), read from its file if it stays on disk, or
         encoded from the decoded weight when that is the truth (resident decoded, lossless)."""
         return self._records.read(key, self.executor, self.pool)
+
+    def decoded(self, keys: Sequence[str], split_dim: int = 0) -> torch.Tensor:
+        """A weight's current values on the host, decoded from its pieces ``keys`` (joined along
+        ``split_dim``): what ``state_dict()`` of the model returns for a compressed weight. One
+        weight at a time: the model is never decoded whole."""
+        ident = tuple(keys)
+        found = self._decoded.get(ident)
+        if found is not None:
+            return found
+        ex = self.executor
+        parts = []
+        for key in keys:
+            if ex.tier_of(key) == DEVICE:  # the decoded weight is the truth (trained in place)
+                parts.append(ex.weight(key).detach().to("cpu", copy=True))
+            else:
+                parts.append(decompress(self.compressed_tensor(key), pool=self.pool).cpu())
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=split_dim)
+        self._decoded[ident] = out
+        return out
+
+    def num_parameters(self) -> int:
+        """Parameters of the model as dispatched: the compressed weights (which
+        ``model.parameters()`` does not list: they are not nn.Parameters any more) plus the
+        plain parameters it still has."""
+        compressed = sum(w.shape.numel() for w in self._weights)
+        model = self.attachment.model()
+        plain = 0 if model is None else sum(p.numel() for p in model.parameters())
+        return compressed + plain
 
     def export(self) -> list[ExportedWeight]:
         """The compressed weights in module order, as a checkpoint stores them; read each

@@ -52,6 +52,7 @@ class CompressedModule(nn.Module):
         super().__init__()
         object.__setattr__(self, "_executor", executor)  # not a submodule
         object.__setattr__(self, "_trainer", trainer)
+        object.__setattr__(self, "_read_weight", None)  # set by the handle (state_dict)
         object.__setattr__(self, "original", original)
         self.pieces = list(pieces)
         self.weight_shape = torch.Size(shape)
@@ -67,6 +68,33 @@ class CompressedModule(nn.Module):
             except RuntimeError:
                 pass
         return torch.empty(self.weight_shape, dtype=self.weight_dtype, device="meta")
+
+    def read_weight_with(self, reader) -> None:
+        """``reader(piece keys, split dim)`` gives the weight decoded, for ``state_dict()``."""
+        object.__setattr__(self, "_read_weight", reader)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """``state_dict()`` holds the real weight (decoded on the host, one weight at a time)
+        under its usual name, before the bias, as the original module's would."""
+        if self._read_weight is None:
+            raise RuntimeError(f"{prefix}weight: the compressed module is not attached to a model")
+        destination[prefix + "weight"] = self._read_weight(
+            [p.key for p in self.pieces], self.split_dim
+        )
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ):
+        if prefix + "weight" in state_dict:
+            raise RuntimeError(
+                f"load_state_dict cannot replace {prefix}weight: it lives compressed in a "
+                "dispatched model. Call nzo.undispatch(model), load the state dict, and dispatch "
+                "again; or write the weights with nzo.save_compressed and run them with nzo.load"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
 
     def _run(self, piece: Piece, op):
         """``op(weight)`` on a piece's decoded weight. With autograd on, the weight is a trainable

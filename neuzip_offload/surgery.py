@@ -13,6 +13,7 @@ back (decoded, as parameters), swapped back in, the moved tensors returned to th
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ class Attachment:
     swaps: list[tuple[nn.Module, str, nn.Module, CompressedModule]] = field(default_factory=list)
     moved: list[tuple[torch.Tensor, torch.device]] = field(default_factory=list)
     hooks: list[RemovableHandle] = field(default_factory=list)
+    model: Callable[[], nn.Module | None] = lambda: None  # a weak reference to the model
 
     @property
     def modules(self) -> list[CompressedModule]:
@@ -66,7 +68,7 @@ def attach(
 ) -> Attachment:
     """Swap, move and hook ``model`` onto ``executor`` (``trainer``: the runtime that trains
     the weights that require grad)."""
-    done = Attachment(weights)
+    done = Attachment(weights, model=weakref.ref(model))
     _swap_modules(model, weights, executor, trainer, done)
     _move_resident(model, executor.device, done)
     _hook(model, weights, roots, executor, done)
