@@ -11,6 +11,8 @@ memory at a time. Training re-encodes an updated weight with the settings it had
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from pathlib import Path
@@ -142,6 +144,16 @@ def compress_to_target(
         changed = [w for w in weights if new[w.key] != bits[w.key]]
         bits = new
         compressed.update(compress_weights(changed, cfg, bits, pool, False, device_budget))
+    actual = 8 * sum(ct.nbytes for ct in compressed.values()) / total
+    if actual > target_bits + 1e-3:
+        narrowest = min((k for k in bits.values() if k is not None), default=None)
+        warnings.warn(
+            f"target_bits={target_bits:g} cannot be reached: the model is compressed to "
+            f"{actual:.2f} bits per weight (narrowest width k={narrowest}; the sign and the "
+            "coded exponent alone take about that). Ask for target_bits >= "
+            f"{math.ceil(actual * 100) / 100:.2f}, or see model.neuzip.mantissa_bits",
+            stacklevel=3,
+        )
     return bits, compressed
 
 

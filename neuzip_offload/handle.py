@@ -11,8 +11,9 @@ the trainer reports re-encoded and updated pieces through :class:`PieceRecords`.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor as ThreadPool
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -138,6 +139,7 @@ class Dispatched:
         self._records = records
         # weights decoded for state_dict(): tied users get the one tensor while it lives
         self._decoded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._leave_out = False  # state_dict() without the compressed weights (save_compressed)
         for m in attachment.modules:
             m.read_weight_with(self.decoded)
 
@@ -160,10 +162,22 @@ class Dispatched:
         encoded from the decoded weight when that is the truth (resident decoded, lossless)."""
         return self._records.read(key, self.executor, self.pool)
 
-    def decoded(self, keys: Sequence[str], split_dim: int = 0) -> torch.Tensor:
+    @contextlib.contextmanager
+    def compressed_weights_left_out(self) -> Iterator[None]:
+        """Within: ``state_dict()`` of the model leaves the compressed weights out (a writer that
+        reads them compressed, piece by piece, need not decode the model)."""
+        self._leave_out = True
+        try:
+            yield
+        finally:
+            self._leave_out = False
+
+    def decoded(self, keys: Sequence[str], split_dim: int = 0) -> torch.Tensor | None:
         """A weight's current values on the host, decoded from its pieces ``keys`` (joined along
         ``split_dim``): what ``state_dict()`` of the model returns for a compressed weight. One
         weight at a time: the model is never decoded whole."""
+        if self._leave_out:
+            return None
         ident = tuple(keys)
         found = self._decoded.get(ident)
         if found is not None:

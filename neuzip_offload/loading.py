@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import warnings
 from concurrent.futures import Executor as ThreadPool
 from pathlib import Path
 
@@ -47,10 +48,11 @@ def check_codec(ck: Checkpoint, device: torch.device) -> None:
             "load it with device='cpu'"
         )
     if device.type == "cpu" and ck.settings.get("codec") == "ans":
-        log.warning(
-            "%s is coded with ans, which the CPU decodes at ~0.1 GB/s; for CPU inference convert "
-            "with codec='zstd' (neuzip-offload compress --codec zstd)",
-            ck.path,
+        warnings.warn(
+            f"{ck.path} is coded with ans, the GPU's codec, which the CPU decodes about 10x "
+            "slower than zstd; for CPU inference convert it with codec='zstd' "
+            "(neuzip-offload compress --codec zstd)",
+            stacklevel=4,  # check_codec <- load's body <- load <- the caller
         )
 
 

@@ -166,7 +166,7 @@ class MixedPrecision:
         choice = {k: 0 for k in options}
         used = sum(options[k][0][0] * sizes[k] for k in options)
         if used > budget:
-            log.warning(
+            log.info(  # dispatch warns with the measured size (encode.compress_to_target)
                 "target_bits=%.3f is below the cheapest choice (%.3f bits); using it",
                 target_bits,
                 used / total_w,

@@ -78,9 +78,9 @@ class CompressedModule(nn.Module):
         under its usual name, before the bias, as the original module's would."""
         if self._read_weight is None:
             raise RuntimeError(f"{prefix}weight: the compressed module is not attached to a model")
-        destination[prefix + "weight"] = self._read_weight(
-            [p.key for p in self.pieces], self.split_dim
-        )
+        weight = self._read_weight([p.key for p in self.pieces], self.split_dim)
+        if weight is not None:  # None: the caller reads the compressed weights itself
+            destination[prefix + "weight"] = weight
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(

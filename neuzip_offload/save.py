@@ -28,10 +28,10 @@ def save_compressed(
     model_or_state_dict: torch.nn.Module | dict[str, torch.Tensor],
     out_dir: str | os.PathLike,
     *,
-    mode: str = "lossless",
-    mantissa_bits: int = 3,
-    block_size: int = 512,
-    codec: str = "ans",
+    mode: str | None = None,
+    mantissa_bits: int | None = None,
+    block_size: int | None = None,
+    codec: str | None = None,
     max_shard_bytes: int = 2 * 10**9,
     max_piece_bytes: int = DEFAULT_PIECE_BYTES,
     progress: bool = True,
@@ -39,15 +39,39 @@ def save_compressed(
     """Write a model (dispatched or not) or a state dict as a compressed checkpoint.
 
     A dispatched model's compressed weights are written as they are (a trained model's current
-    weights, in its own pieces); everything else is compressed with the given settings. Tensors
-    that share storage (tied weights) are written once; the others become aliases in the index.
+    weights, in its own pieces), and the index records the settings they were coded with: the
+    codec settings may be left out (given, they must agree). Otherwise everything is compressed
+    with the given settings (default: lossless, ans). Tensors that share storage (tied weights)
+    are written once; the others become aliases in the index.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = CodecConfig(mode=mode, codec=codec, mantissa_bits=mantissa_bits, block_size=block_size)
     handle: Dispatched | None = getattr(model_or_state_dict, "neuzip", None)
+    asked = {
+        "mode": mode,
+        "codec": codec,
+        "mantissa_bits": mantissa_bits,
+        "block_size": block_size,
+    }
+    asked = {k: v for k, v in asked.items() if v is not None}
+    if handle is not None:
+        cfg = handle.config
+        differ = {k: v for k, v in asked.items() if v != getattr(cfg, k)}
+        if differ:
+            held = ", ".join(f"{k}={getattr(cfg, k)!r}" for k in differ)
+            raise ValueError(
+                f"save_compressed writes a dispatched model's weights as they are coded ({held}), "
+                f"not as asked ({', '.join(f'{k}={v!r}' for k, v in differ.items())}): leave "
+                "those arguments out, or nzo.undispatch(model) first to compress it anew"
+            )
+    else:
+        cfg = CodecConfig(**{"mode": "lossless", "codec": "ans", **asked})
+    out.mkdir(parents=True, exist_ok=True)
     if isinstance(model_or_state_dict, torch.nn.Module):
-        state = dict(model_or_state_dict.state_dict())
+        if handle is not None:  # its compressed weights are read as they are held, below
+            with handle.compressed_weights_left_out():
+                state = dict(model_or_state_dict.state_dict())
+        else:
+            state = dict(model_or_state_dict.state_dict())
         config = getattr(model_or_state_dict, "config", None)
     elif isinstance(model_or_state_dict, dict):
         state, config = dict(model_or_state_dict), None

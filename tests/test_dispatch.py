@@ -425,3 +425,9 @@ def test_embedding_options_pieces_cannot_honour_are_refused(option):
     ids = torch.tensor([[1, 2, 3]])
     with pytest.raises(NotImplementedError, match=f"{option}.*max_block_bytes"):
         emb(ids)
+
+
+def test_an_unreachable_target_bits_is_said_not_silently_missed():
+    model = tiny_llama()
+    with pytest.warns(UserWarning, match=r"target_bits=2 cannot be reached.*bits per weight"):
+        nzo.dispatch(model, mode="lossy", target_bits=2, max_gpu_mem=10**8, progress=False)

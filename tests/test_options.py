@@ -102,3 +102,8 @@ def test_options_are_frozen():
     o = DispatchOptions.build(1, device="cpu")
     with pytest.raises(AttributeError):
         o.prefetch = 3
+
+
+def test_the_gpu_codec_on_the_cpu_is_advised_against():
+    with pytest.warns(UserWarning, match=r"codec='ans'.*slower than zstd"):
+        DispatchOptions.build(10**8, device="cpu", codec="ans")

@@ -69,7 +69,7 @@ def test_forwards_without_backward_change_nothing():
     plain, opt, model = _pair()
     for i, b in enumerate(_batches(4)):
         for m in (plain, model):
-            m(b, labels=b).loss  # validation without torch.no_grad(): the graph is dropped
+            _ = m(b, labels=b).loss  # validation without torch.no_grad(): the graph is dropped
         if i == 1:
             continue  # a bad batch skipped after its forward
         plain(b, labels=b).loss.backward()
