@@ -54,8 +54,9 @@ def saved_weights_redecoded(executor: Executor, key: str, weight: torch.Tensor) 
             executor.abandon_backward()
             raise RuntimeError(
                 f"weight {obj.key!r} was updated after the forward that saved it (by the step "
-                "of a later backward): this graph is stale. Backpropagate each loss before the "
-                "next step, or compute losses you do not train on under torch.no_grad()"
+                "of a later backward, or of this graph's own first backward with "
+                "retain_graph=True): this graph is stale. Backpropagate each loss once, before "
+                "the next step; compute losses you do not train on under torch.no_grad()"
             )
         w = executor.backward_weight(obj.key)
         return w.as_strided(obj.size, obj.stride, w.storage_offset() + obj.offset)

@@ -146,26 +146,64 @@ class StateMover:
         self._last.clear()
 
 
-class FusedOptimizer:
+class _Hyper:
+    """A hyper-parameter kept where torch keeps it, in ``param_groups[0]`` (so that LR schedulers
+    and ``state_dict`` see it), read as an attribute by the update rule."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else obj.param_groups[0][self.name]
+
+    def __set__(self, obj, value) -> None:
+        obj.param_groups[0][self.name] = value
+
+
+class FusedOptimizer(torch.optim.Optimizer):
     """A per-tensor update rule with its state: ``update(key, param, grad)`` changes ``param``.
+
+    A torch optimizer to the code around it: one parameter group holding the hyper-parameters
+    (LR schedulers such as LambdaLR, cosine or transformers' ``get_scheduler`` drive ``lr``
+    there; after dispatch its params are the model's plain parameters), ``state_dict()`` /
+    ``load_state_dict()`` to resume a run, and ``step()`` / ``zero_grad()`` for the usual loop.
+    The updates themselves run inside backward, one tensor at a time as its gradient exists:
+    ``step()`` has nothing left to do (it runs ``closure`` if given) and ``zero_grad()`` nothing
+    to clear. State is keyed by the runtime's tensor names, not by parameters.
 
     State on the host (``state_device="cpu"``) for a CUDA parameter is pinned and moves with
     asynchronous copies (StateMover); read ``state`` on the host only after ``synchronize()``
     (the trainer calls it at the end of every backward)."""
 
-    def __init__(self, state_dtype: torch.dtype | None = None, state_device: str = "cpu"):
+    def __init__(
+        self, defaults: dict, state_dtype: torch.dtype | None = None, state_device: str = "cpu"
+    ):
         if state_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"state_dtype must be None, fp32, bf16 or fp16, got {state_dtype!r}")
+        # torch wants a parameter to build a group; dispatch replaces it with the plain ones
+        super().__init__([torch.zeros(0, requires_grad=True)], defaults)
         self.state_dtype = state_dtype
         self.state_device = torch.device(state_device)
-        self.state: dict[str, dict] = {}
+        self.state: dict[str, dict] = {}  # tensor name → its state (torch: parameter → state)
         self.mover = StateMover()
+        self._device = torch.device("cpu")  # where the updated tensors live (bind)
 
-    def bind(self, streams: Streams, copies: bool = False) -> None:
+    def bind(
+        self,
+        streams: Streams,
+        copies: bool = False,
+        params: list[torch.nn.Parameter] | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         """Copy on the executor's streams (``scheduler.streams.Streams``) from now on;
-        ``copies``: as the executor's option (state on the parameter's device moves too)."""
+        ``copies``: as the executor's option (state on the parameter's device moves too);
+        ``params``: the model's plain parameters, listed in the parameter group."""
         self.synchronize()
         self.mover = StateMover(streams, copies)
+        if params is not None:
+            self.param_groups[0]["params"] = list(params)
+        if device is not None:
+            self._device = device
 
     def synchronize(self) -> None:
         """Wait (on the host) until the state's copies to the host have finished."""
@@ -174,13 +212,60 @@ class FusedOptimizer:
     def update(self, key: str, param: torch.Tensor, grad: torch.Tensor) -> None:
         raise NotImplementedError  # pragma: no cover - the subclasses define it
 
-    def state_bytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size()
-            for s in self.state.values()
-            for t in s.values()
-            if isinstance(t, torch.Tensor)
-        )
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Nothing to apply: each update ran inside backward. Runs ``closure`` (with grad) if
+        given and returns its loss, as torch optimizers do."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to clear: the gradients were consumed by the updates during backward."""
+
+    def state_dict(self) -> dict:
+        """Hyper-parameters and state (host copies, by tensor name), for ``load_state_dict``."""
+        self.synchronize()
+        groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": []}
+            for g in self.param_groups
+        ]
+        state = {
+            key: {
+                name: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
+                for name, v in s.items()
+            }
+            for key, s in self.state.items()
+        }
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume: the hyper-parameters and every tensor's state from ``state_dict()``."""
+        if not isinstance(state_dict, dict) or set(state_dict) != {"state", "param_groups"}:
+            raise ValueError(
+                "state_dict must be what this optimizer's state_dict() returned (keys 'state' "
+                "and 'param_groups'); a torch.optim state dict is keyed by parameters, which a "
+                "fused optimizer does not have"
+            )
+        groups = state_dict["param_groups"]
+        if len(groups) != 1 or set(groups[0]) - {"params"} != set(self.param_groups[0]) - {
+            "params"
+        }:
+            raise ValueError(
+                f"state_dict's param_groups do not match {type(self).__name__}'s hyper-parameters"
+            )
+        self.synchronize()
+        self.param_groups[0].update({k: v for k, v in groups[0].items() if k != "params"})
+        self.state = {}
+        for key, s in state_dict["state"].items():
+            mine = self.state[key] = {}
+            for name, v in s.items():
+                if isinstance(v, torch.Tensor):
+                    home = self.mover.new_home(v.shape, v.dtype, self._device, self.state_device)
+                    home.copy_(v)
+                    v = home
+                mine[name] = v
 
     def _local(
         self, key: str, name: str, like: torch.Tensor, init: torch.Tensor | None = None
@@ -200,16 +285,15 @@ class FusedOptimizer:
             return home, torch.zeros(like.shape, dtype=dtype, device=like.device)
         return home, init.detach().to(dtype, copy=True)  # on the device; stored after the update
 
-    def _hyper(self) -> dict:
-        return {k: v for k, v in vars(self).items() if k not in ("state", "mover")}
-
-    def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v}" for k, v in self._hyper().items())
-        return f"{type(self).__name__}({params})"
-
 
 class SGD(FusedOptimizer):
     """torch.optim.SGD's update (momentum, dampening, nesterov, weight decay)."""
+
+    lr = _Hyper()
+    momentum = _Hyper()
+    dampening = _Hyper()
+    weight_decay = _Hyper()
+    nesterov = _Hyper()
 
     def __init__(
         self,
@@ -220,13 +304,18 @@ class SGD(FusedOptimizer):
         nesterov: bool = False,
         **kw,
     ):
-        super().__init__(**kw)
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError("lr, momentum and weight_decay must be >= 0")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov needs momentum > 0 and dampening = 0")
-        self.lr, self.momentum, self.dampening = lr, momentum, dampening
-        self.weight_decay, self.nesterov = weight_decay, nesterov
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+        }
+        super().__init__(defaults, **kw)
 
     def update(self, key: str, param: torch.Tensor, grad: torch.Tensor) -> None:
         if self.weight_decay != 0:
@@ -245,6 +334,11 @@ class SGD(FusedOptimizer):
 class AdamW(FusedOptimizer):
     """torch.optim.AdamW's update (decoupled weight decay, no amsgrad)."""
 
+    lr = _Hyper()
+    betas = _Hyper()
+    eps = _Hyper()
+    weight_decay = _Hyper()
+
     def __init__(
         self,
         lr: float = 1e-3,
@@ -253,10 +347,10 @@ class AdamW(FusedOptimizer):
         weight_decay: float = 1e-2,
         **kw,
     ):
-        super().__init__(**kw)
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError("lr, eps, weight_decay must be >= 0 and betas in [0, 1)")
-        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        super().__init__(defaults, **kw)
 
     def update(self, key: str, param: torch.Tensor, grad: torch.Tensor) -> None:
         beta1, beta2 = self.betas

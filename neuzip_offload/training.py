@@ -83,7 +83,12 @@ class Trainer:
         self._accum: dict[str, torch.Tensor] = {}  # fp32 sums, pinned on the host (CUDA)
         self._micro: dict[str, int] = {}
         # the optimizer's copies go on the executor's copy stream
-        optimizer.bind(self.executor.streams, copies=self.executor.copies)
+        optimizer.bind(
+            self.executor.streams,
+            copies=self.executor.copies,
+            params=[p for _, p in plain or []],
+            device=self.executor.device,
+        )
         self.mover: StateMover = optimizer.mover
         self.steps = 0
         self._hooks = []
@@ -91,7 +96,9 @@ class Trainer:
             self._hooks.append(
                 p.register_post_accumulate_grad_hook(lambda t, name=name: self._on_plain(name, t))
             )
+        self._spent: list[nn.Parameter] = []  # plain parameters holding a SpentGrad
         self.executor.on_backward_end.append(self._end_backward)
+        self.executor.on_pass_begin.append(self._clear_spent)
         self.executor.on_backward_abandoned.append(self._abandon)
 
     def close(self) -> None:
@@ -159,7 +166,8 @@ class Trainer:
             self._micro_step(key, grad, self._apply_compressed)
 
     def _on_plain(self, name: str, param: torch.Tensor) -> None:
-        grad, param.grad = param.grad, None
+        grad, param.grad = param.grad, SpentGrad.like(param)
+        self._spent.append(param)
         self._micro_step(name, grad, lambda key, g: self.optimizer.update(key, param.data, g))
 
     def _micro_step(self, key: str, grad: torch.Tensor, apply) -> None:
@@ -213,6 +221,13 @@ class Trainer:
         self.mover.synchronize()
         return_freed_memory()
 
+    def _clear_spent(self) -> None:
+        """Before a pass accumulates gradients again, the spent markers go."""
+        for p in self._spent:
+            if isinstance(p.grad, SpentGrad):
+                p.grad = None
+        self._spent.clear()
+
     def _abandon(self) -> None:
         """The backward failed before its end: its partial sums are dropped (never applied)."""
         with self._lock:
@@ -246,6 +261,38 @@ class Trainer:
                 ex.replace(key, ct, ready=ready)  # its repacking waits for the copy
         finally:
             ex.exit(b)
+
+
+class SpentGrad(torch.Tensor):
+    """What a plain parameter's ``.grad`` holds after the fused optimizer applied it: any use
+    raises (``clip_grad_norm_`` over the model, a second optimizer stepping the same tensors)
+    instead of silently finding no gradient. ``zero_grad()`` clears it as usual. A zero-stride
+    view: no memory."""
+
+    _ALLOWED = frozenset(
+        {"__get__", "__set__", "__repr__", "zero_", "detach_", "requires_grad_", "size", "dim"}
+    )
+
+    @classmethod
+    def like(cls, param: torch.Tensor) -> SpentGrad:
+        return (
+            torch.zeros((), dtype=param.dtype, device=param.device)
+            .expand(param.shape)
+            .as_subclass(cls)
+        )
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in cls._ALLOWED:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        raise RuntimeError(
+            "this gradient was already applied: a model dispatched with trainable=True updates "
+            "each weight inside backward (model.neuzip.optimizer), so no other optimizer may "
+            "step its parameters and torch.nn.utils.clip_grad_norm_ finds no gradients. Clip "
+            "with dispatch(clip_grad_norm=...); each step's global norm is "
+            "model.neuzip.trainer.grad_norm"
+        )
 
 
 class _Use:

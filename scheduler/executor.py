@@ -150,6 +150,7 @@ class Executor:
         self._backward_held: set[int] = set()
         self.on_backward_end: list = []  # callbacks, e.g. the trainer's end of step
         self.on_backward_abandoned: list = []  # callbacks: a backward failed before its end
+        self.on_pass_begin: list = []  # callbacks: a forward or a backward begins
         # One pass at a time: a forward holds this from begin_forward to end_forward, so that
         # forwards from several threads run one after another (the slots, the order and the
         # cursor are this executor's alone). Reentrant: a model may call itself.
@@ -187,6 +188,8 @@ class Executor:
             # callback after an error): release what it held before this forward runs.
             self.abandon_backward()
         self.tracker.begin("forward")
+        for fn in self.on_pass_begin:
+            fn()
 
     def end_forward(self, failed: bool = False) -> None:
         """The forward begun last ended (``failed``: by an exception; it records no order)."""
@@ -229,6 +232,8 @@ class Executor:
             )
         if not self._in_backward:
             self._in_backward = True
+            for fn in self.on_pass_begin:
+                fn()
             self.tracker.begin("backward")
             queue_at_end_of_backward(self._end_backward)
         if b not in self._backward_held:

@@ -126,3 +126,95 @@ def test_a_forward_that_raises_leaves_the_model_usable():
         opt.zero_grad()
         model(b, labels=b).loss.backward()
     _assert_same_weights(plain, model)
+
+
+def _adamw_pair():
+    base = tiny_llama(dtype=torch.float32).train()
+    plain, model = copy.deepcopy(base), copy.deepcopy(base)
+    torch_opt = torch.optim.AdamW(plain.parameters(), lr=1e-3, foreach=False)
+    nzo.dispatch(
+        model,
+        max_gpu_mem=int(0.7 * model_bytes(base)),
+        reserve=0,
+        trainable=True,
+        optimizer=nzo.optim.AdamW(lr=1e-3),
+        progress=False,
+    )
+    return plain, torch_opt, model
+
+
+@pytest.mark.parametrize("schedule", ["lambda", "hf-cosine"])
+def test_the_usual_loop_with_a_torch_lr_scheduler_matches_torch(schedule):
+    from transformers import get_scheduler
+
+    plain, torch_opt, model = _adamw_pair()
+    opt = model.neuzip.optimizer
+    assert isinstance(opt, torch.optim.Optimizer) and opt.param_groups[0]["lr"] == 1e-3
+
+    def make(o):
+        if schedule == "lambda":
+            return torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0 / (1 + step))
+        return get_scheduler("cosine", o, num_warmup_steps=1, num_training_steps=4)
+
+    scheds = make(torch_opt), make(opt)
+    for b in _batches(4):
+        for m, o, sch in ((plain, torch_opt, scheds[0]), (model, opt, scheds[1])):
+            m(b, labels=b).loss.backward()
+            o.step()
+            o.zero_grad()
+            sch.step()
+    assert opt.lr == torch_opt.param_groups[0]["lr"] != 1e-3  # the schedule drove both
+    _assert_same_weights(plain, model)
+
+
+def test_an_optimizer_state_dict_resumes_a_run_exactly():
+    plain, torch_opt, model = _adamw_pair()
+    batches = _batches(4)
+    for b in batches:  # the uninterrupted run
+        plain(b, labels=b).loss.backward()
+        torch_opt.step()
+        torch_opt.zero_grad()
+    for b in batches[:2]:
+        model(b, labels=b).loss.backward()
+    saved_opt = model.neuzip.optimizer.state_dict()
+    saved_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    nzo.undispatch(model)
+    resumed = tiny_llama(dtype=torch.float32).train()
+    resumed.load_state_dict(saved_weights)
+    nzo.dispatch(
+        resumed,
+        max_gpu_mem=int(0.7 * model_bytes(plain)),
+        reserve=0,
+        trainable=True,
+        optimizer=nzo.optim.AdamW(lr=0.5),  # overwritten by the state dict
+        progress=False,
+    )
+    resumed.neuzip.optimizer.load_state_dict(saved_opt)
+    assert resumed.neuzip.optimizer.lr == 1e-3
+    for b in batches[2:]:
+        resumed(b, labels=b).loss.backward()
+    _assert_same_weights(plain, resumed)
+
+
+def test_a_second_optimizer_or_clip_grad_norm_over_the_model_is_refused():
+    """They would find no gradient (applied in backward already) and do nothing, silently."""
+    _, _, model = _adamw_pair()
+    b = _batches(1)[0]
+    model(b, labels=b).loss.backward()
+    with pytest.raises(RuntimeError, match=r"clip_grad_norm=.*grad_norm"):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="no other optimizer may step"):
+        other.step()
+    other.zero_grad()  # the usual loop's zero_grad clears the markers
+    model.zero_grad()
+    model(b, labels=b).loss.backward()  # and training goes on
+
+
+def test_backward_twice_through_one_graph_is_refused():
+    _, _, model = _adamw_pair()
+    b = _batches(1)[0]
+    loss = model(b, labels=b).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="updated after"):
+        loss.backward()
