@@ -20,6 +20,7 @@ Each step is a file, in the order the data takes:
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -42,6 +43,7 @@ from .loading import (
     place_weights,
     stored_bits_per_weight,
 )
+from .mixed import check_calibration
 from .model_analysis import (
     Weight,
     check_model,
@@ -155,6 +157,12 @@ def dispatch(
             )
             return _load(Checkpoint(offload_dir), opts, model, verify=True)
         tie_meta_weights(model)
+    calibration = check_calibration(calibration)
+    if calibration is not None and opts.target_bits is None:
+        warnings.warn(
+            "calibration= is used only to choose widths for target_bits; it is ignored here",
+            stacklevel=2,
+        )
     found = find_weights(model)
     dtype = found[0].dtype if found else torch.bfloat16
     bits = opts.target_bits or planning.estimated_bits(dtype, mode, mantissa_bits, block_size)

@@ -41,6 +41,31 @@ def _exp_entropy(sym: torch.Tensor) -> float:
     return float(-(p * p.log2()).sum())
 
 
+def check_calibration(calibration: object) -> list[torch.Tensor] | None:
+    """``calibration=`` as a list of token-id tensors, or a clear refusal of anything else."""
+    if calibration is None:
+        return None
+    items = [calibration] if isinstance(calibration, torch.Tensor) else calibration
+    if not isinstance(items, (list, tuple)) or not items:
+        raise TypeError(
+            "calibration must be token ids: an integer tensor [batch, seq] or a non-empty list "
+            f"of them, got {type(calibration).__name__}"
+        )
+    for i, t in enumerate(items):
+        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex():
+            what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(
+                f"calibration[{i}] must be an integer tensor of token ids [batch, seq] (as a "
+                f"tokenizer's input_ids), got {what}"
+            )
+        if t.dim() not in (1, 2):
+            raise TypeError(
+                f"calibration[{i}] must be token ids of shape [batch, seq] or [seq], got "
+                f"shape {tuple(t.shape)}"
+            )
+    return [t if t.dim() == 2 else t.unsqueeze(0) for t in items]
+
+
 def _vocab_size(model: nn.Module) -> int:
     cfg = getattr(model, "config", None)
     if cfg is not None and getattr(cfg, "vocab_size", None):

@@ -19,6 +19,34 @@ from torch import nn
 from .autograd import saved_weights_redecoded
 from .scheduler.executor import Executor
 
+# torch.compile compiles around the compressed modules, which run as they are: their work is the
+# executor's (slots, streams, decoders), which a compiled graph must not capture or replay.
+_eager = torch.compiler.disable
+
+
+def refuse_copy():
+    raise RuntimeError(
+        "a dispatched model cannot be copied (copy.deepcopy, pickle): its weights live "
+        "compressed in the runtime's memory. Copy the model before dispatch, or "
+        "nzo.undispatch(model), copy, and dispatch each copy"
+    )
+
+
+def refuse_conversion(fn, dtypes: set[torch.dtype], device: torch.device) -> None:
+    """Raise if ``fn`` (what ``Module.to``/``.half()``/``.cuda()`` apply to every tensor) would
+    change a dtype or the device: only the plain tensors would change, the compressed weights
+    cannot, and the model would fail (or differ) later."""
+    for dtype in dtypes:
+        probe = torch.empty(0, dtype=dtype, device=device)
+        out = fn(probe)
+        if out.dtype != dtype or out.device != probe.device:
+            raise RuntimeError(
+                f"a dispatched model stays in {dtype} on {device}: converting it (to "
+                f"{out.dtype} on {out.device}) would change its plain tensors only. Convert the "
+                "model before dispatch (dispatch(device=...) chooses the device), or "
+                "nzo.undispatch(model) first"
+            )
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -68,6 +96,16 @@ class CompressedModule(nn.Module):
             except RuntimeError:
                 pass
         return torch.empty(self.weight_shape, dtype=self.weight_dtype, device="meta")
+
+    def _apply(self, fn, *args, **kwargs):
+        refuse_conversion(fn, {self.weight_dtype}, self._executor.device)
+        return super()._apply(fn, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        refuse_copy()
+
+    def __reduce_ex__(self, protocol):
+        refuse_copy()
 
     def read_weight_with(self, reader) -> None:
         """``reader(piece keys, split dim)`` gives the weight decoded, for ``state_dict()``."""
@@ -138,6 +176,7 @@ class CompressedLinear(CompressedModule):
         self.in_features = original.in_features
         self.out_features = original.out_features
 
+    @_eager
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.pieces) == 1:
             return self._run(self.pieces[0], lambda w: F.linear(x, w, self.bias))
@@ -158,6 +197,7 @@ class CompressedConv1D(CompressedModule):
         self.nf = original.nf
         self.nx = getattr(original, "nx", shape[0])
 
+    @_eager
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size_out = x.size()[:-1] + (self.nf,)
         flat = x.view(-1, x.size(-1))
@@ -182,6 +222,7 @@ class CompressedEmbedding(CompressedModule):
         self.scale_grad_by_freq = original.scale_grad_by_freq
         self.sparse = original.sparse
 
+    @_eager
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         def lookup(rows_ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return F.embedding(

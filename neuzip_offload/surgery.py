@@ -24,7 +24,7 @@ from torch.utils.hooks import RemovableHandle
 from .codec import decompress
 from .compressed import CompressedTensor
 from .model_analysis import Weight, inside
-from .modules import CompressedModule, Piece, Trainer, kind_of
+from .modules import CompressedModule, Piece, Trainer, kind_of, refuse_conversion, refuse_copy
 from .scheduler.executor import Executor
 
 
@@ -57,6 +57,9 @@ class Attachment:
             setattr(parent, attr, original)
         for t, device in self.moved:
             t.data = t.data.to(device)
+        model = self.model()
+        for name in _GUARDED if model is not None else ():
+            model.__dict__.pop(name, None)
 
 
 def attach(
@@ -72,7 +75,32 @@ def attach(
     _swap_modules(model, weights, executor, trainer, done)
     _move_resident(model, executor.device, done)
     _hook(model, weights, roots, executor, done)
+    _guard(model, executor.device)
     return done
+
+
+_GUARDED = ("_apply", "__deepcopy__")
+
+
+def _guard(model: nn.Module, device: torch.device) -> None:
+    """``model.to(dtype)``, ``.half()``, ``.to(other device)`` and ``copy.deepcopy(model)`` are
+    refused at the model itself, before anything changes (instance attributes that shadow the
+    class's; ``detach`` removes them). The compressed modules refuse them too, when called on a
+    part of the model."""
+    bound = model._apply
+
+    def apply(fn, *args, **kwargs):
+        refuse_conversion(fn, model_dtypes(model), device)
+        return bound(fn, *args, **kwargs)
+
+    object.__setattr__(model, "_apply", apply)
+    object.__setattr__(model, "__deepcopy__", lambda memo: refuse_copy())
+
+
+def model_dtypes(model: nn.Module) -> set[torch.dtype]:
+    return {m.weight_dtype for m in model.modules() if isinstance(m, CompressedModule)} or {
+        torch.float32
+    }
 
 
 def _module_at(model: nn.Module, qn: str) -> tuple[nn.Module, str]:
@@ -116,6 +144,10 @@ def _move_resident(model: nn.Module, dev: torch.device, done: Attachment) -> Non
             t.data = t.data.to(dev)
 
 
+# torch.compile: the hooks drive the executor, which runs eagerly (see modules.py)
+eager = torch.compiler.disable
+
+
 def _hook(
     model: nn.Module, weights: list[Weight], roots: list[str], executor: Executor, done: Attachment
 ) -> None:
@@ -125,10 +157,10 @@ def _hook(
     dev = executor.device
 
     def add(module: nn.Module, b: int) -> None:
-        done.hooks.append(module.register_forward_pre_hook(lambda m, a: executor.enter(b)))
+        done.hooks.append(module.register_forward_pre_hook(eager(lambda m, a: executor.enter(b))))
         # always_call: a forward that raises still leaves its block (its slot is freed)
         done.hooks.append(
-            module.register_forward_hook(lambda m, a, o: executor.exit(b), always_call=True)
+            module.register_forward_hook(eager(lambda m, a, o: executor.exit(b)), always_call=True)
         )
 
     for r in roots:
@@ -156,8 +188,8 @@ def _hook(
         # always_call: torch runs it from its exception handler when the forward raised
         executor.end_forward(failed=sys.exc_info()[1] is not None)
 
-    done.hooks.append(model.register_forward_pre_hook(pre, with_kwargs=True))
-    done.hooks.append(model.register_forward_hook(post, always_call=True))
+    done.hooks.append(model.register_forward_pre_hook(eager(pre), with_kwargs=True))
+    done.hooks.append(model.register_forward_hook(eager(post), always_call=True))
 
 
 def release_device_originals(

@@ -431,3 +431,24 @@ def test_an_unreachable_target_bits_is_said_not_silently_missed():
     model = tiny_llama()
     with pytest.warns(UserWarning, match=r"target_bits=2 cannot be reached.*bits per weight"):
         nzo.dispatch(model, mode="lossy", target_bits=2, max_gpu_mem=10**8, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("calibration", "match"),
+    [
+        ("some text", "token ids.*got str"),
+        ([torch.randn(1, 8)], r"calibration\[0\] must be an integer tensor"),
+        ([torch.zeros(1, 2, 3, dtype=torch.long)], "shape"),
+        ([], "non-empty"),
+    ],
+)
+def test_calibration_of_the_wrong_kind_says_what_it_expects(calibration, match):
+    with pytest.raises(TypeError, match=match):
+        nzo.dispatch(
+            tiny_llama(),
+            mode="lossy",
+            target_bits=4.0,
+            calibration=calibration,
+            max_gpu_mem=10**8,
+            progress=False,
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -72,3 +73,57 @@ def test_tied_weights_come_back_tied():
     executor.close()
     done.detach({w.key: torch.ones(w.shape, dtype=w.dtype) for w in done.weights})
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def _small_dispatched():
+    import neuzip_offload as nzo
+    from tests.helpers import model_bytes, tiny_llama
+
+    plain = tiny_llama()
+    return nzo.dispatch(
+        tiny_llama(), max_gpu_mem=int(0.6 * model_bytes(plain)), reserve=0, progress=False
+    )
+
+
+def test_copies_and_conversions_are_refused_before_anything_changes():
+    import copy
+
+    model = _small_dispatched()
+    ids = torch.randint(0, 1000, (1, 6))
+    with torch.no_grad():
+        ref = model(ids).logits
+    with pytest.raises(RuntimeError, match="cannot be copied.*undispatch"):
+        copy.deepcopy(model)
+    with pytest.raises(RuntimeError, match="cannot be copied"):
+        copy.deepcopy(model.model.layers[0])
+    for convert in (
+        lambda: model.to(torch.float32),
+        lambda: model.half(),
+        lambda: model.float(),
+        lambda: model.model.layers[1].to(torch.float16),
+    ):
+        with pytest.raises(RuntimeError, match=r"stays in torch.bfloat16.*before dispatch"):
+            convert()
+    assert model.to("cpu") is model  # no change asked: allowed
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)  # nothing was half converted
+
+
+def test_undispatch_lifts_the_guards():
+    import copy
+
+    import neuzip_offload as nzo
+
+    model = _small_dispatched()
+    nzo.undispatch(model)
+    assert copy.deepcopy(model).to(torch.float32).lm_head.weight.dtype == torch.float32
+
+
+def test_torch_compile_runs_around_the_compressed_modules():
+    model = _small_dispatched()
+    ids = torch.randint(0, 1000, (1, 6))
+    with torch.no_grad():
+        ref = model(ids).logits
+        compiled = torch.compile(model, backend="aot_eager")
+        assert torch.allclose(compiled(ids).logits.float(), ref.float(), atol=1e-2)
+        assert torch.allclose(compiled(ids).logits.float(), ref.float(), atol=1e-2)
