@@ -237,6 +237,7 @@ def load(
     max_cpu_mem: int | str | None = None,
     offload_dir: str | os.PathLike | None = None,
     model: nn.Module | None = None,
+    model_class: type | str | None = None,
     device: torch.device | str | None = None,
     prefetch: int = 2,
     reserve: int | str | None = "auto",
@@ -250,11 +251,13 @@ def load(
 ) -> nn.Module:
     """Run a compressed checkpoint (from ``neuzip-offload compress`` or save_compressed).
 
-    The model is built on the meta device from the checkpoint's config.json (or pass ``model``,
-    built on meta); small tensors are read, the compressed weights are planned into tiers: what
-    neither the device nor ``max_cpu_mem`` holds is read from the checkpoint's files as it is
-    needed (checksums checked on every read). ``offload_dir``: copy the shards the disk tier reads
-    to this (faster) disk first. ``verify``: check every tensor's checksum before planning.
+    The model is built on the meta device from the checkpoint's config.json, of the class its
+    ``architectures`` names (or ``model_class``, a transformers class or its name; or pass
+    ``model``, built on meta); small tensors are read, the compressed weights are planned into
+    tiers: what neither the device nor ``max_cpu_mem`` holds is read from the checkpoint's files
+    as it is needed (checksums checked on every read). ``offload_dir``: copy the shards the disk
+    tier reads to this (faster) disk first. ``verify``: check every tensor's checksum before
+    planning.
     """
     opts = DispatchOptions.build(
         max_gpu_mem,
@@ -271,7 +274,9 @@ def load(
     )
     ck = Checkpoint(path)
     if model is None:
-        model = model_from_config(ck.path, first_dtype(ck))
+        model = model_from_config(ck.path, first_dtype(ck), model_class)
+    elif model_class is not None:
+        raise DispatchError("pass model= or model_class=, not both")
     check_model(model, allow_meta=True)
     return _load(ck, opts, model, verify, offload_dir)
 
@@ -295,7 +300,8 @@ def _load(
     bits = stored_bits_per_weight(ck)
     weights, roots = planning.analyze_at_granularity(opts, model, bits, True)
     pool = shared_pool()
-    compressed, locations = place_weights(ck, weights, opts, pool)
+    prefix = getattr(model, "base_model_prefix", "")
+    compressed, locations = place_weights(ck, weights, opts, pool, prefix)
     fill_model(ck, model, weights)
     return _assemble(model, opts, weights, roots, compressed, locations, {})
 

@@ -69,34 +69,43 @@ def first_dtype(ck: Checkpoint) -> torch.dtype:
 
 
 def place_weights(
-    ck: Checkpoint, weights: list[Weight], opts: DispatchOptions, pool: ThreadPool | None
+    ck: Checkpoint,
+    weights: list[Weight],
+    opts: DispatchOptions,
+    pool: ThreadPool | None,
+    prefix: str = "",
 ) -> tuple[dict[str, CompressedTensor], dict[str, dict[str, PlaneLocation]]]:
     """(piece key → tensor, piece key → its planes' files) for every compressed weight: headers
     with placeholder planes where the checkpoint's pieces are used as stored, real planes where
     they were compressed again or a layer block must be held whole."""
     compressed: dict[str, CompressedTensor] = {}
     locations: dict[str, dict[str, PlaneLocation]] = {}
+    stored: dict[str, tuple[str, str]] = {}  # piece key → (the checkpoint's piece name, shard)
     for w in weights:
-        entry = _entry_for(ck, w)
+        entry = _entry_for(ck, w, prefix)
         w.dtype = getattr(torch, entry.dtype)
         dims = {kind_of(m).split_dim for _, m in w.users}
         if entry.kind == "compressed" and (len(entry.pieces) == 1 or dims == {0}):
-            w.pieces = [(p, a, b) for p, _, a, b in entry.pieces]
-            for p, shard, _, _ in entry.pieces:
+            # the model's names for the pieces (the checkpoint's may differ: aliases, prefixes)
+            n = len(entry.pieces)
+            keys = [w.key] if n == 1 else [f"{w.key}[{i}]" for i in range(n)]
+            w.pieces = [(k, a, b) for k, (_, _, a, b) in zip(keys, entry.pieces, strict=True)]
+            for key, (p, shard, _, _) in zip(keys, entry.pieces, strict=True):
                 header = ck.header(p, shard)
                 placeholders = {
                     k: torch.empty(n, dtype=torch.uint8, device="meta")
                     for k, n in header.plane_sizes().items()
                 }
-                compressed[p] = CompressedTensor(header, placeholders, p)
-                locations[p] = ck.locations(p, shard)
+                compressed[key] = CompressedTensor(header, placeholders, key)
+                locations[key] = ck.locations(p, shard)
+                stored[key] = (p, shard)
         else:  # stored plain, or in pieces this module cannot use: decode and compress again
             w.param = read_entry(ck, entry)
             cut_pieces([w], max(layer_bytes(weights).values(), default=0))
             compressed.update(
                 compress_weights([w], opts.codec, {}, pool, False, opts.encode_budget)
             )
-    _unify_blocks(weights, compressed, locations, ck)
+    _unify_blocks(weights, compressed, locations, ck, stored)
     return compressed, locations
 
 
@@ -106,7 +115,7 @@ def fill_model(ck: Checkpoint, model: nn.Module, weights: list[Weight]) -> None:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if name in names or t.device.type != "meta":
             continue
-        key = name if name in ck.entries else ck.aliases.get(name)
+        key = entry_key(ck, name, getattr(model, "base_model_prefix", ""))
         if key is None:
             raise DispatchError(f"{ck.path}: the checkpoint lacks {name}")
         set_tensor(model, name, read_entry(ck, ck.entries[key]))
@@ -135,9 +144,26 @@ def copy_shards(ck: Checkpoint, dst: Path) -> Checkpoint:
     return Checkpoint(dst)
 
 
-def _entry_for(ck: Checkpoint, w: Weight) -> Entry:
+def entry_key(ck: Checkpoint, name: str, prefix: str = "") -> str | None:
+    """The checkpoint's name for the model's tensor ``name`` (None: it has none). As
+    transformers loads them: the name itself or an alias of it, else the name with the model's
+    ``base_model_prefix`` ("transformer", "model", "bert" ...) dropped or added, so that a base
+    model's checkpoint fills a model with a head (GPT-2's "h.0..." for "transformer.h.0...")
+    and the other way round."""
+    candidates = [name]
+    if prefix:
+        head = prefix + "."
+        candidates.append(name[len(head) :] if name.startswith(head) else head + name)
+    for n in candidates:
+        key = n if n in ck.entries else ck.aliases.get(n)
+        if key is not None:
+            return key
+    return None
+
+
+def _entry_for(ck: Checkpoint, w: Weight, prefix: str = "") -> Entry:
     for name in w.names:
-        key = name if name in ck.entries else ck.aliases.get(name)
+        key = entry_key(ck, name, prefix)
         if key is not None:
             return ck.entries[key]
     raise DispatchError(f"{ck.path}: the checkpoint lacks {w.key}")
@@ -148,6 +174,7 @@ def _unify_blocks(
     compressed: dict[str, CompressedTensor],
     locations: dict[str, dict[str, PlaneLocation]],
     ck: Checkpoint,
+    stored: dict[str, tuple[str, str]],
 ) -> None:
     """A layer block is read from disk whole or held in memory whole: read stragglers now."""
     for root in {w.root for w in weights if w.root is not None}:
@@ -155,6 +182,5 @@ def _unify_blocks(
         on_disk = [k for k in keys if k in locations]
         if on_disk and len(on_disk) != len(keys):
             for k in on_disk:
-                loc = locations.pop(k)
-                shard = next(iter(loc.values())).path.name
-                compressed[k] = ck.read_compressed(k, shard)
+                locations.pop(k)
+                compressed[k] = ck.read_compressed(*stored[k])

@@ -273,23 +273,55 @@ def estimate_reserve(model: nn.Module, seq_len: int = 1024, batch: int = 1) -> i
 # ---------------------------------------------------------------------------------------------
 
 
-def model_from_config(path: Path, dtype: torch.dtype) -> nn.Module:
-    """The causal LM a folder's config.json describes, built on the meta device (no weights
-    allocated): what load() fills from a checkpoint and plan_model() plans from a config."""
+def model_from_config(
+    path: Path, dtype: torch.dtype, model_class: type | str | None = None
+) -> nn.Module:
+    """The model a folder's config.json describes, built on the meta device (no weights
+    allocated): what load() fills from a checkpoint and plan_model() plans from a config.
+
+    Its class: ``model_class`` (a transformers class or its name) if given, else the config's
+    ``architectures[0]`` (``LlamaForCausalLM``, ``T5ForConditionalGeneration``, ``BertModel``
+    ...), else the first auto class that takes the config: causal LM, seq2seq LM, bare model."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise DispatchError(f"{path} has no config.json: pass model= (built on the meta device)")
     # accelerate and transformers take seconds to import: only when a model is built here
+    import transformers
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if isinstance(model_class, str) or model_class is None:
+        names = [model_class] if model_class else list(getattr(config, "architectures", None) or [])
+        found = [getattr(transformers, n, None) for n in names]
+        if model_class and found[0] is None:
+            raise DispatchError(f"model_class={model_class!r} is not a transformers class")
+        candidates = [c for c in found if c is not None] or [
+            transformers.AutoModelForCausalLM,
+            transformers.AutoModelForSeq2SeqLM,
+            transformers.AutoModel,
+        ]
+    else:
+        candidates = [model_class]
+    errors = []
     with init_empty_weights():
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        except TypeError:  # transformers before 4.56 call it torch_dtype
-            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
-    return model.eval()
+        for cls in candidates:
+            try:
+                model = _from_config(cls, config, dtype)
+            except ValueError as e:  # an auto class that does not take this config
+                errors.append(f"{cls.__name__}: {e}")
+                continue
+            return model.eval()
+    raise DispatchError(
+        f"{path}: no model class takes this config ({'; '.join(errors)}); pass model_class="
+    )
+
+
+def _from_config(cls: type, config, dtype: torch.dtype) -> nn.Module:
+    builder = getattr(cls, "from_config", None) or cls._from_config  # auto classes / models
+    try:
+        return builder(config, dtype=dtype)
+    except TypeError:  # transformers before 4.56 call it torch_dtype
+        return builder(config, torch_dtype=dtype)
 
 
 def tie_meta_weights(model: nn.Module) -> None:
