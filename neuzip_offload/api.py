@@ -9,7 +9,8 @@ Each step is a file, in the order the data takes:
 
     options.py         the user's arguments, validated once (DispatchOptions, TrainOptions)
     model_analysis.py  the weights to compress, their blocks and pieces (HF-aware)
-    planning.py        estimated plans: granularity, a hopeless budget refused early
+    planning.py        estimated plans: granularity, a hopeless budget refused early, and
+                       (lossless) the weights kept decoded, which are never encoded
     encode.py          weights → CompressedTensor (or loading.py: as a checkpoint holds them)
     blocks.py          pieces → BlockSpec for the planner, BlockData for the executor
     scheduler/         the plan, then the executor that copies and decodes ahead of use
@@ -19,6 +20,7 @@ Each step is a file, in the order the data takes:
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -31,9 +33,10 @@ from torch import nn
 from . import blocks as block_builder
 from . import planning
 from .checkpoint import Checkpoint
+from .compressed import CompressedTensor
 from .config import CodecConfig
 from .conversion import convert
-from .encode import compress_model
+from .encode import compress_model, compress_weights
 from .handle import Dispatched, PieceRecords
 from .loading import (
     check_codec,
@@ -54,9 +57,12 @@ from .model_analysis import (
 from .options import DispatchError, DispatchOptions, TrainOptions
 from .scheduler.executor import Executor
 from .scheduler.plan import Plan
+from .scheduler.store import BlockData
 from .surgery import attach, release_device_originals
 from .training import Trainer, return_freed_memory
 from .workers import shared_pool
+
+log = logging.getLogger(__name__)
 
 
 def dispatch(
@@ -168,10 +174,12 @@ def dispatch(
     bits = opts.target_bits or planning.estimated_bits(dtype, mode, mantissa_bits, block_size)
     weights, roots = planning.analyze_at_granularity(opts, model, bits, False, trainable)
     planning.refuse_hopeless(opts, model, weights, dtype, trainable)
+    kept = {} if checkpoint is not None else planning.kept_decoded(opts, model, weights, trainable)
+    encoded = [w for w in weights if not _is_kept(w, kept)]
     widths, compressed = compress_model(
-        model, weights, opts, shared_pool(), checkpoint, calibration
+        model, encoded, opts, shared_pool(), checkpoint, calibration
     )
-    return _assemble(model, opts, weights, roots, compressed, {}, widths, train)
+    return _assemble(model, opts, weights, roots, compressed, {}, widths, train, kept)
 
 
 def plan_model(
@@ -315,15 +323,30 @@ def _assemble(
     locations: dict,
     widths: dict[str, int | None],
     train: TrainOptions | None = None,
+    kept: dict[str, CompressedTensor] | None = None,
 ) -> nn.Module:
-    """Plan, build the executor, swap the modules, hook: the common end of dispatch and load."""
+    """Plan, build the executor, swap the modules, hook: the common end of dispatch and load.
+
+    ``kept``: the stand-ins of the pieces never encoded (planning.kept_decoded), whose weights
+    the executor takes as they are; should the plan stream one of them after all, they are
+    encoded now and the plan made again, as if they had been from the start."""
+    kept = kept or {}
+    data, plan, planned = _plan(model, opts, weights, compressed, locations, kept, train)
+    if not planning.unencoded_resident(plan, data):
+        log.info("the plan streams blocks estimated to stay decoded: encoding them too")
+        todo = [w for w in weights if _is_kept(w, kept)]
+        more = compress_weights(
+            todo, opts.codec, {}, shared_pool(), opts.progress, opts.encode_budget
+        )
+        compressed = {**compressed, **more}
+        kept = {}
+        data, plan, planned = _plan(model, opts, weights, compressed, locations, kept, train)
+    opts = planned
     for w in weights:
-        w.param = None  # the compressed copies are the truth now
-    specs, data = block_builder.build(
-        weights, opts.device, compressed=compressed, locations=locations
-    )
-    plan, opts = planning.measured_plan(opts, model, weights, specs, data, train is not None)
-    restore = release_device_originals(weights, compressed)
+        w.param = None  # the compressed copies (or the executor's resident tensors) are the truth
+    compressed = {**compressed, **kept}
+    # the weights never encoded are handed to the executor as they are: not released
+    restore = release_device_originals([w for w in weights if not _is_kept(w, kept)], compressed)
     pool = shared_pool()
     try:
         executor = Executor(plan, data, opts.device, pool=pool, log_events=opts.log_events)
@@ -345,6 +368,8 @@ def _assemble(
             for key, _, _ in w.pieces:
                 if w.requires_grad and executor.is_resident(executor.block_index(key)):
                     records.keep_decoded(key)
+    for key in kept:  # never encoded: encoded when read (save_compressed)
+        records.keep_decoded(key)
     attachment = attach(model, weights, roots, executor, trainer)
     records.release(executor)
     model.neuzip = Dispatched(
@@ -352,6 +377,39 @@ def _assemble(
     )
     return_freed_memory()  # the original weights and the encoder's scratch are gone
     return model
+
+
+def _is_kept(w: Weight, kept: dict[str, CompressedTensor]) -> bool:
+    """Whether ``w`` was left unencoded (a weight is kept with all its pieces or not at all)."""
+    return w.pieces[0][0] in kept
+
+
+def _plan(
+    model: nn.Module,
+    opts: DispatchOptions,
+    weights: list[Weight],
+    compressed: dict[str, CompressedTensor],
+    locations: dict,
+    kept: dict[str, CompressedTensor],
+    train: TrainOptions | None,
+) -> tuple[list[BlockData], Plan, DispatchOptions]:
+    """(the blocks' data, the plan, the options with its decode rate) from the compressed
+    pieces and the stand-ins of those never encoded (their weights still in ``weights``)."""
+    decoded = {
+        key: w.piece_of(w.param.detach(), a, b)
+        for w in weights
+        for key, a, b in w.pieces
+        if key in kept
+    }
+    specs, data = block_builder.build(
+        weights,
+        opts.device,
+        compressed={**compressed, **kept},
+        locations=locations,
+        decoded=decoded,
+    )
+    plan, planned = planning.measured_plan(opts, model, weights, specs, data, train is not None)
+    return data, plan, planned
 
 
 def undispatch(model: nn.Module) -> nn.Module:

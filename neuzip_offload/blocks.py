@@ -7,7 +7,9 @@ sized. One function serves both moments of a dispatch:
 - *estimated*, before anything is compressed (``bits`` per weight): plan_model, the choice of
   granularity and the early refusal of a hopeless budget;
 - *measured*, after compressing (``compressed`` tensors, and their files' ``locations`` for a
-  loaded checkpoint): the plan the executor runs.
+  loaded checkpoint): the plan the executor runs. Blocks a lossless plan keeps decoded are not
+  encoded at all (planning.py): their ``compressed`` entries are stand-ins (sizing.py: exact
+  but for the coded exponents) and their ``decoded`` weights go to the executor as they are.
 
 Both use the same grouping and the same decoded sizes (slot entries aligned to 256 bytes), so
 an estimated plan and the measured one differ only in the compressed bytes.
@@ -81,12 +83,15 @@ def build(
     on_disk: bool = False,
     compressed: Mapping[str, CompressedTensor] | None = None,
     locations: Mapping[str, dict[str, PlaneLocation]] | None = None,
+    decoded: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[list[BlockSpec], list[BlockData]]:
     """(specs for the planner, data for the executor), one per block in module order.
 
     Estimated with ``bits`` (compressed bytes from bits per weight; ``on_disk``: every block
     can be read from a file; no data), or measured from ``compressed`` (every piece's tensor;
-    ``locations``: the files of the pieces a checkpoint holds)."""
+    ``locations``: the files of the pieces a checkpoint holds; ``decoded``: the weights of the
+    pieces never encoded, whose ``compressed`` entries are stand-ins — a block has all its
+    pieces encoded or none)."""
     if (bits is None) == (compressed is None):
         raise ValueError("pass bits (an estimate) or compressed (measured sizes), not both")
     specs, data = [], []
@@ -96,11 +101,20 @@ def build(
             continue
         keys = [m.key for m in g.members]
         cts = [compressed[k] for k in keys]
-        files = locations or {}
+        files, raw = locations or {}, decoded or {}
         held_on_disk = all(k in files for k in keys)
-        specs.append(_measured(g, cts, device, held_on_disk))
+        unencoded = [k in raw for k in keys]
+        if any(unencoded) and not all(unencoded):
+            raise ValueError(f"block {g.name!r} has pieces encoded and pieces not")
+        specs.append(_measured(g, cts, device, held_on_disk, encoded=not any(unencoded)))
         data.append(
-            BlockData(g.name, keys, cts, [files[k] for k in keys] if held_on_disk else None)
+            BlockData(
+                g.name,
+                keys,
+                cts,
+                [files[k] for k in keys] if held_on_disk else None,
+                [raw[k] for k in keys] if any(unencoded) else None,
+            )
         )
     return specs, data
 
@@ -129,7 +143,7 @@ def _estimated(g: Group, device: torch.device, bits: float, on_disk: bool) -> Bl
 
 
 def _measured(
-    g: Group, cts: list[CompressedTensor], device: torch.device, on_disk: bool
+    g: Group, cts: list[CompressedTensor], device: torch.device, on_disk: bool, encoded: bool
 ) -> BlockSpec:
     _, slot_bytes = slot_layout(cts, [m.key for m in g.members])
     if device.type == "cuda":  # rANS slot tables, int32, one tensor at a time
@@ -149,6 +163,7 @@ def _measured(
         stored_bytes=sum(ct.nbytes for ct in cts),
         on_disk=on_disk,
         # made resident decoded, its tensors visit the device compressed one at a time (where
-        # blocks are copied: the plan counts it only then)
-        setup_bytes=max((ct.nbytes for ct in cts), default=0),
+        # blocks are copied: the plan counts it only then); a block never encoded arrives
+        # decoded: nothing visits beside it
+        setup_bytes=max((ct.nbytes for ct in cts), default=0) if encoded else 0,
     )

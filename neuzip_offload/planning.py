@@ -6,6 +6,14 @@ executor. Before anything is compressed, an *estimated* plan (compressed sizes f
 weight) picks the granularity (whole layers, else their parts, else single matrices) and
 refuses a budget no compression could meet; after compressing, the plan is made from the
 measured blocks, and on CUDA again with the decode rate timed on the largest block.
+
+Lossless, the blocks the plan keeps decoded on the device need not be encoded at all (they
+would be decoded straight back): before compressing, a plan from stand-ins (sizing.py: every
+size exact but the coded exponents, estimated from their histogram) names them, and only the
+rest is encoded. The plan the executor runs is then made from the measured blocks and those
+stand-ins; a stand-in's compressed size counts nowhere once its block is resident decoded, so
+that plan's accounting is exact. Should it still stream one of those blocks (the estimates
+were off), dispatch encodes them after all and plans as if it had from the start.
 """
 
 from __future__ import annotations
@@ -17,11 +25,12 @@ import torch
 from torch import nn
 
 from . import blocks as block_builder
-from . import budget, calibrate
+from . import budget, calibrate, sizing
+from .compressed import CompressedTensor
 from .kernels import planes
 from .model_analysis import Weight, analyze, estimate_reserve, resident_bytes
 from .options import GRANULARITIES, DispatchOptions
-from .scheduler.plan import BlockSpec, Plan, PlanError, PlanOptions, make_plan
+from .scheduler.plan import DEVICE, BlockSpec, Plan, PlanError, PlanOptions, make_plan
 from .scheduler.store import BlockData
 
 log = logging.getLogger(__name__)
@@ -165,6 +174,48 @@ def refuse_hopeless(
         ) from None
 
 
+def kept_decoded(
+    opts: DispatchOptions,
+    model: nn.Module,
+    weights: list[Weight],
+    trainable: bool,
+) -> dict[str, CompressedTensor]:
+    """The weights a lossless plan keeps decoded on the device, which dispatch need not encode:
+    piece key → stand-in (sizing.py), for every piece of every such weight. Empty when lossy
+    (the lossy values are what the model runs with), or when no plan from stand-ins fits
+    (the measured plan says why). A weight cut into pieces is kept only if all its pieces are:
+    the executor may hold them as views of the weight's storage, all of which then stays in
+    use."""
+    if opts.codec.mode != "lossless" or opts.target_bits is not None:
+        return {}
+    pieces = {key: w.piece_of(w.param.detach(), a, b) for w in weights for key, a, b in w.pieces}
+    stand_ins = {key: sizing.unencoded(t, opts.codec, key) for key, t in pieces.items()}
+    specs, _ = block_builder.build(weights, opts.device, compressed=stand_ins, decoded=pieces)
+    try:
+        plan = make_plan(specs, plan_options(opts, model, weights, False, trainable))
+    except PlanError:
+        return {}
+    resident = {
+        key
+        for g, tier in zip(block_builder.groups(weights), plan.tiers, strict=True)
+        if tier == DEVICE
+        for key in (m.key for m in g.members)
+    }
+    kept = {
+        key: stand_ins[key]
+        for w in weights
+        if all(key in resident for key, _, _ in w.pieces)
+        for key, _, _ in w.pieces
+    }
+    log.info("%d of %d pieces stay decoded: not encoded", len(kept), len(stand_ins))
+    return kept
+
+
+def unencoded_resident(plan: Plan, data: list[BlockData]) -> bool:
+    """Whether the plan keeps every block that was never encoded resident decoded."""
+    return all(d.decoded is None or t == DEVICE for d, t in zip(data, plan.tiers, strict=True))
+
+
 def measured_plan(
     opts: DispatchOptions,
     model: nn.Module,
@@ -173,15 +224,23 @@ def measured_plan(
     data: list[BlockData],
     trainable: bool,
 ) -> tuple[Plan, DispatchOptions]:
-    """The plan the executor runs, from the compressed blocks; on CUDA without a given rate,
-    made again with the decode rate timed on the largest block. Returns the options with the
-    rate used."""
+    """The plan the executor runs, from the compressed blocks (and the stand-ins of those never
+    encoded); on CUDA without a given rate, made again with the decode rate timed on the
+    largest encoded block. Returns the options with the rate used."""
     disk = any(d.locations is not None for d in data)
     plan = make_plan(specs, plan_options(opts, model, weights, disk, trainable))
-    # it fits: so does timing one block (see calibrate.py)
-    if opts.device.type == "cuda" and opts.decode_rate.source == "default":
-        rate = calibrate.measured_rate(data, specs, opts.device, opts.codec)
+    encoded = [(d, s) for d, s in zip(data, specs, strict=True) if d.decoded is None]
+    # it fits: so does timing one block (see calibrate.py); with no block encoded, every block
+    # is resident decoded and no rate matters
+    if opts.device.type == "cuda" and opts.decode_rate.source == "default" and encoded:
+        rate = calibrate.measured_rate(
+            [d for d, _ in encoded], [s for _, s in encoded], opts.device, opts.codec
+        )
         opts = replace(opts, decode_rate=rate)
         plan = make_plan(specs, plan_options(opts, model, weights, disk, trainable))
+    unencoded = sum(d.decoded is not None for d in data)
+    if unencoded:
+        note = f"{unencoded} resident blocks never encoded: their compressed sizes are estimates"
+        plan = replace(plan, notes=(*plan.notes, note))
     log.info("neuzip plan:\n%s", plan)
     return plan, opts

@@ -3,7 +3,9 @@
 The executor's input is one ``BlockData`` per planned block (its weights compressed, in memory or
 as locations in checkpoint files). At setup the BlockStore puts each block in its tier:
 
-    device             decoded once into resident tensors (its compressed bytes are let go)
+    device             decoded once into resident tensors (its compressed bytes are let go);
+                       a block dispatch never encoded (lossless, planned here from estimated
+                       sizes) arrives decoded and is only moved to the device
     device_compressed  packed into one device buffer (on the CPU backend: pinned host memory,
                        counted as device)
     host               packed into a region of the pinned host arena, 1/64 spare when training
@@ -39,13 +41,17 @@ class BlockData:
     """What dispatch hands the executor for one block: its weights, compressed, in order.
 
     With ``locations`` the bytes are in files (a checkpoint) and the tensors' planes are
-    placeholders of the right sizes (e.g. on the meta device).
+    placeholders of the right sizes (e.g. on the meta device). With ``decoded`` the block was
+    never encoded: these are its weights (handed over: a contiguous tensor already on the
+    device becomes the resident one), ``cts`` only stand-ins of the compressed tensors (planes
+    on meta, sizes estimated), and the block can only be planned resident decoded.
     """
 
     name: str
     keys: list[str]
     cts: list[CompressedTensor]
     locations: list[dict[str, PlaneLocation]] | None = None
+    decoded: list[torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,11 @@ class BlockStore:
             i, data.name, tier, list(data.keys), entries, layout, list(data.cts), decoded
         )
         b.locations = data.locations
-        if tier == DEVICE:
+        if data.decoded is not None and tier != DEVICE:
+            raise ValueError(f"block {data.name!r} was never encoded: it cannot be {tier}")
+        if data.decoded is not None:
+            b.resident = self._adopt_resident(data)
+        elif tier == DEVICE:
             b.resident = self._decode_resident(i, data, layout)
             b.cts = [ct.placeholder() for ct in data.cts]  # decoded now: keep no bytes
         elif tier == DEVICE_COMPRESSED and self.copies:
@@ -195,6 +205,18 @@ class BlockStore:
             else:
                 self._decoder.decode(ct, t, i)
             out[k] = t.view(ct.shape)
+        return out
+
+    def _adopt_resident(self, data: BlockData) -> dict[str, torch.Tensor]:
+        """A block that was never encoded: its weights become the resident tensors, as they are
+        when contiguous on the device (no copy), else copied there (host → device at setup)."""
+        here = torch.empty(0, device=self.device).device  # "cuda" names an index: compare that
+        out = {}
+        for k, ct, t in zip(data.keys, data.cts, data.decoded, strict=True):
+            self._accountant.hold("resident decoded", ct.decoded_nbytes)
+            if not (t.device == here and t.is_contiguous()):
+                t = torch.empty(ct.shape, dtype=ct.dtype, device=self.device).copy_(t)
+            out[k] = t.detach().view(ct.shape)
         return out
 
     # -- lookups -----------------------------------------------------------------------------

@@ -1,12 +1,12 @@
-"""blocks.build: one grouping for estimated and measured blocks; they agree on everything but
-the compressed bytes."""
+"""blocks.build: one grouping for estimated and measured blocks (and blocks never encoded);
+they agree on everything but the compressed bytes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from neuzip_offload import blocks
+from neuzip_offload import blocks, sizing
 from neuzip_offload.config import CodecConfig
 from neuzip_offload.encode import compress_weights
 from neuzip_offload.model_analysis import analyze
@@ -93,3 +93,40 @@ def test_estimated_or_measured_not_both():
         blocks.build(weights, CPU)
     with pytest.raises(ValueError, match="not both"):
         blocks.build(weights, CPU, bits=4.0, compressed={})
+
+
+def test_blocks_never_encoded_carry_their_weights_and_no_setup_copy():
+    model = tiny_llama(layers=2)
+    weights, _ = analyze(model, None, "layer")
+    cfg = CodecConfig(codec="ans")
+    compressed = compress_weights(weights, cfg, {}, None, False)
+    layer = [w for w in weights if w.root == "model.layers.1"]
+    pieces = {w.key: w.param.detach() for w in layer}
+    stand_ins = {k: sizing.unencoded(t, cfg, k) for k, t in pieces.items()}
+    measured, _ = blocks.build(weights, CPU, compressed=compressed)
+    mixed, data = blocks.build(weights, CPU, compressed={**compressed, **stand_ins}, decoded=pieces)
+    for m, x, d in zip(measured, mixed, data, strict=True):
+        if d.name != "model.layers.1":
+            assert x == m and d.decoded is None
+            continue
+        assert [t.data_ptr() for t in d.decoded] == [pieces[k].data_ptr() for k in d.keys]
+        assert all(ct.device.type == "meta" for ct in d.cts)
+        # the same block but its compressed size, estimated; it arrives decoded: no setup copy
+        assert (x.params, x.decoded_bytes, x.workspace_bytes, x.uses) == (
+            m.params,
+            m.decoded_bytes,
+            m.workspace_bytes,
+            m.uses,
+        )
+        assert x.compressed_bytes == pytest.approx(m.compressed_bytes, rel=0.01)
+        assert m.setup_bytes > 0 and x.setup_bytes == 0
+
+
+def test_a_block_is_encoded_whole_or_not_at_all():
+    weights, _ = analyze(tiny_llama(layers=1), None, "layer")
+    cfg = CodecConfig(codec="zstd")
+    compressed = compress_weights(weights, cfg, {}, None, False)
+    one = weights[1]  # inside model.layers.0, beside other weights that are encoded
+    assert one.root == "model.layers.0"
+    with pytest.raises(ValueError, match="encoded and pieces not"):
+        blocks.build(weights, CPU, compressed=compressed, decoded={one.key: one.param})

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import neuzip_offload as nzo
+from neuzip_offload import encode, planning, sizing
 from neuzip_offload.modules import CompressedEmbedding, CompressedLinear
 from neuzip_offload.scheduler.plan import DEVICE, HOST
 from tests.helpers import (
@@ -452,3 +453,151 @@ def test_calibration_of_the_wrong_kind_says_what_it_expects(calibration, match):
             max_gpu_mem=10**8,
             progress=False,
         )
+
+
+# ------------------------------------------------------------------------------------------
+# lossless blocks the plan keeps decoded are never encoded
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def encoded(monkeypatch) -> list[str]:
+    """The piece keys dispatch sends through the encoder (encode.compress_many), in order."""
+    seen: list[str] = []
+    real = encode.compress_many
+
+    def counting(tensors, config=None, names=None, **kw):
+        seen.extend(names or ["?"] * len(tensors))
+        return real(tensors, config, names, **kw)
+
+    monkeypatch.setattr(encode, "compress_many", counting)
+    return seen
+
+
+def _pieces_of_streamed_weights(model) -> set[str]:
+    """The piece keys of every weight with a piece outside the device tier (a weight cut into
+    pieces is left unencoded only when all its pieces stay decoded)."""
+    ex = model.neuzip.executor
+    return {
+        key
+        for w in model.neuzip.export()
+        if any(ex.tier_of(k) != DEVICE for k, _, _ in w.pieces)
+        for key, _, _ in w.pieces
+    }
+
+
+@pytest.mark.parametrize("codec", ["ans", "zstd"])
+def test_a_model_that_fits_is_never_encoded_and_saves_exactly(codec, encoded, tmp_path):
+    model = tiny_llama(tied=True)
+    originals = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(ids).logits
+    budget = 2 * model_bytes(model)
+    nzo.dispatch(model, max_gpu_mem=budget, reserve=0, codec=codec, progress=False)
+    assert set(model.neuzip.plan.tiers) == {DEVICE}
+    assert encoded == []  # not one weight went through the encoder
+    assert "never encoded" in str(model.neuzip.plan)
+
+    def forwards() -> None:
+        with torch.no_grad():
+            assert same_bits(model(ids).logits, ref)
+
+    check_device_memory(model, budget, forwards)
+    # saving encodes them now, to the bytes a dispatch that encoded them would have held
+    nzo.save_compressed(model, tmp_path / "saved", codec=codec, progress=False)
+    key = "model.layers.0.mlp.up_proj.weight"
+    again = nzo.compress(originals[key], config=model.neuzip.config)
+    got = model.neuzip.compressed_tensor(key)
+    assert got.header == again.header
+    assert all(torch.equal(p, again.planes[k]) for k, p in got.planes.items())
+    loaded = nzo.load(tmp_path / "saved", max_gpu_mem="1GB", progress=False)
+    nzo.undispatch(model)
+    nzo.undispatch(loaded)
+    for m in (model, loaded):
+        state = m.state_dict()
+        for k, v in originals.items():
+            assert same_bits(state[k], v) if v.is_floating_point() else torch.equal(state[k], v)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_only_the_streamed_blocks_are_encoded(name, encoded):
+    model = MODELS[name]()
+    ids = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    budget = int(0.8 * model_bytes(model))  # a layer or two stay, the rest streams
+    nzo.dispatch(model, max_gpu_mem=budget, reserve=0, prefetch=1, progress=False)
+    tiers = model.neuzip.plan.tiers
+    assert DEVICE in tiers and HOST in tiers
+    assert sorted(encoded) == sorted(_pieces_of_streamed_weights(model))
+    assert len(encoded) < len(model.neuzip.compressed)  # resident weights were left alone
+
+    def forwards() -> None:
+        with torch.no_grad():
+            for _ in range(2):
+                assert same_bits(model(ids).logits, ref)
+
+    check_device_memory(model, budget, forwards)
+
+
+def test_lossy_weights_are_all_encoded_even_resident(encoded):
+    model = tiny_llama(dtype=torch.float32)
+    nzo.dispatch(model, mode="lossy", mantissa_bits=5, max_gpu_mem="1GB", progress=False)
+    assert set(model.neuzip.plan.tiers) == {DEVICE}
+    assert sorted(encoded) == sorted(model.neuzip.compressed)
+
+
+def test_estimates_that_were_off_fall_back_to_encoding_everything(monkeypatch, encoded):
+    """Should the measured plan stream a block the stand-ins' plan kept resident, dispatch
+    encodes what it skipped and plans as if it had encoded everything from the start."""
+    base = tiny_llama()
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = base(ids).logits
+    budget = (model_bytes(base) + _minimum(base, prefetch=1)) // 2
+    kw = dict(max_gpu_mem=budget, reserve=0, prefetch=1, progress=False)
+    monkeypatch.setattr(planning, "kept_decoded", lambda *a: {})  # today's dispatch
+    everything = nzo.dispatch(copy.deepcopy(base), **kw)
+    encoded.clear()
+
+    def everything_stays_decoded(opts, model, weights, trainable):  # a wrong estimate
+        return {
+            key: sizing.unencoded(w.piece_of(w.param, a, b), opts.codec, key)
+            for w in weights
+            for key, a, b in w.pieces
+        }
+
+    monkeypatch.setattr(planning, "kept_decoded", everything_stays_decoded)
+    model = nzo.dispatch(copy.deepcopy(base), **kw)
+    assert sorted(encoded) == sorted(model.neuzip.compressed)  # the fallback encoded them all
+    assert model.neuzip.plan.tiers == everything.neuzip.plan.tiers
+    assert model.neuzip.plan.blocks == everything.neuzip.plan.blocks
+
+    def forwards() -> None:
+        with torch.no_grad():
+            assert same_bits(model(ids).logits, ref)
+
+    check_device_memory(model, budget, forwards)
+
+
+def test_trained_weights_never_encoded_are_saved_as_trained(tmp_path, encoded):
+    model = tiny_llama().train()
+    nzo.dispatch(
+        model,
+        max_gpu_mem="1GB",
+        trainable=True,
+        optimizer=nzo.optim.SGD(lr=1e-1),
+        progress=False,
+    )
+    assert encoded == [] and set(model.neuzip.plan.tiers) == {DEVICE}
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(6))
+    model(ids, labels=ids).loss.backward()
+    nzo.save_compressed(model, tmp_path / "trained", progress=False)
+    again = nzo.load(tmp_path / "trained", max_gpu_mem="1GB", progress=False)
+    nzo.undispatch(model)
+    nzo.undispatch(again)
+    trained, loaded = model.state_dict(), again.state_dict()
+    assert not same_bits(trained["lm_head.weight"], tiny_llama().lm_head.weight)  # it trained
+    for k, v in loaded.items():
+        assert same_bits(v, trained[k]), k

@@ -27,6 +27,7 @@ FORMAT = {
     "config",
     "conversion",
     "dtypes",
+    "sizing",
     "storage",
     "streamcheck",
     "workers",

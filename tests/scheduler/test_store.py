@@ -1,5 +1,6 @@
-"""The block store (scheduler/store.py): tiers materialized at setup, re-packing of re-encoded
-host blocks (in their region while they fit, else into a new buffer) with exact decodes."""
+"""The block store (scheduler/store.py): tiers materialized at setup (blocks never encoded taken
+as they are), re-packing of re-encoded host blocks (in their region while they fit, else into
+a new buffer) with exact decodes."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import pytest
 import torch
 
 import neuzip_offload as nzo
+from neuzip_offload import sizing
 from neuzip_offload.codec import compress_many
 from neuzip_offload.config import CodecConfig
 from neuzip_offload.scheduler.executor import Executor
 from neuzip_offload.scheduler.layout import PackedLayout, slot_layout
-from neuzip_offload.scheduler.plan import HOST, BlockSpec, PlanOptions, make_plan
+from neuzip_offload.scheduler.plan import DEVICE, HOST, BlockSpec, PlanOptions, make_plan
 from neuzip_offload.scheduler.store import BlockData
 from tests.helpers import same_bits
 
@@ -119,3 +121,40 @@ def test_only_host_blocks_take_reencoded_weights():
     with pytest.raises(RuntimeError, match="cannot take re-encoded weights"):
         ex.replace("b0.w0", ct)
     ex.close()
+
+
+def _never_encoded(i: int, w: torch.Tensor) -> tuple[BlockData, BlockSpec]:
+    """A block dispatch did not encode: stand-ins for its tensors, its weights as they are."""
+    (ct,) = [sizing.unencoded(w, CFG, f"b{i}.w0")]
+    keys = [f"b{i}.w0"]
+    spec = BlockSpec(f"b{i}", w.numel(), slot_layout([ct], keys)[1], PackedLayout.of([ct]).nbytes)
+    return BlockData(f"b{i}", keys, [ct], decoded=[w]), spec
+
+
+def test_a_block_never_encoded_is_resident_as_it_is():
+    flat = _weights("random", 0)
+    strided = _weights("random", 1).t()  # not contiguous: copied into a resident tensor
+    made = [_never_encoded(0, flat), _never_encoded(1, strided), _block(2, _weights("flat", 2))]
+    o = PlanOptions(device_bytes=10**8, host_bytes=10**9, copies=False, device="cpu")
+    plan = make_plan([m[1] for m in made], o)
+    ex = Executor(plan, [m[0] for m in made], torch.device("cpu"))
+    assert {v.tier for v in ex.blocks()} == {DEVICE}
+    assert ex.weight("b0.w0").data_ptr() == flat.data_ptr()  # handed over: no copy
+    assert ex.weight("b1.w0").data_ptr() != strided.data_ptr()
+    assert same_bits(ex.weight("b1.w0"), strided) and ex.weight("b1.w0").is_contiguous()
+    assert ex.accountant.held["resident decoded"] == 3 * SHAPE[0] * SHAPE[1] * 2
+    assert all(ct.device.type == "meta" for v in ex.blocks() for ct in v.cts)
+    ex.close()
+
+
+def test_a_block_never_encoded_cannot_stream():
+    made = [_never_encoded(i, _weights("random", i)) for i in range(3)]
+    o = PlanOptions(device_bytes=1, host_bytes=10**9, prefetch=0, copies=False, device="cpu")
+    with pytest.raises(nzo.PlanError) as e:
+        make_plan([m[1] for m in made], o)
+    plan = make_plan(
+        [m[1] for m in made], dataclasses.replace(o, device_bytes=e.value.minimum_device_bytes)
+    )
+    assert HOST in plan.tiers
+    with pytest.raises(ValueError, match="never encoded: it cannot be host"):
+        Executor(plan, [m[0] for m in made], torch.device("cpu"))
