@@ -7,17 +7,39 @@ Every weight is stored lossless-compressed; the device holds only the working se
 budget is a fraction of the bf16 model). Each weight is updated the moment its gradient exists
 (nzo.optim fuses the optimizer into backward) and re-encoded; the loss printed every few steps
 falls. At the end the trained weights are saved as a compressed checkpoint (--save DIR).
+
+The text is tinyshakespeare (--text FILE, else $NEUZIP_TEXT, ../shared/data/tinyshakespeare.txt
+or the 40 kB excerpt in tests/data, which a fresh clone has): one that is shorter than the
+steps need is read again from its start.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
+from pathlib import Path
 
 import torch
 
 import neuzip_offload as nzo
 from neuzip_offload import bundled, evaluate
+
+
+def training_tokens(tok, args: argparse.Namespace) -> torch.Tensor:
+    """The tokens the steps read, in order: the text's first ones, the text repeated if short."""
+    path = Path(args.text) if args.text else evaluate.text_path()
+    need = args.steps * args.batch * args.seq + 1
+    ids = evaluate.token_ids(tok, need, path)
+    if ids.numel() >= need:
+        print(f"text: {path}, its first {need:,} tokens")
+        return ids
+    times = math.ceil(need / ids.numel())
+    print(
+        f"text: {path}, {ids.numel():,} tokens; {args.steps} steps of {args.batch} x {args.seq} "
+        f"need {need:,}, so it is read {times} times"
+    )
+    return ids.repeat(times)[:need]
 
 
 def main() -> None:
@@ -30,12 +52,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--save", default=None, help="write the trained model here")
+    ap.add_argument("--text", default=None, help="a text file to train on (default above)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
     model = bundled.load_smollm2(torch.bfloat16).train()
     tok = bundled.load_smollm2_tokenizer()
-    ids = evaluate.token_ids(tok, args.steps * args.batch * args.seq + 1)
+    ids = training_tokens(tok, args)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     opt = (
         nzo.optim.AdamW(lr=args.lr, weight_decay=0.0)

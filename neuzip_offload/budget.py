@@ -1,11 +1,13 @@
 """Memory sizes: parsed once, at the boundary, into bytes.
 
-"8GB" is 8·10^9 bytes and "8GiB" 8·2^30; ints are bytes. Bits ("8Gb") and unknown units are
-refused with a hint. The host budget defaults to what psutil reports as available, less headroom.
+"8GB" is 8·10^9 bytes and "8GiB" 8·2^30; ints and floats (8e9) are bytes, and so is a number
+without a unit ("8e9"). Bits ("8Gb") and unknown units are refused with a hint. The host budget
+defaults to what psutil reports as available, less headroom.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 import psutil
@@ -21,20 +23,29 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
-_PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+# a decimal number, optionally with an exponent ("1.5", ".5", "8e9"), then an optional unit
+_PATTERN = re.compile(
+    r"^\s*((?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$"
+)
 
 HOST_HEADROOM = 0.10  # keep this fraction of the available host memory free
 HOST_HEADROOM_MIN = 1 << 30
 
 
-def parse_size(value: int | str, name: str) -> int:
-    """Bytes from an int or a string such as "8GB", "6GiB", "512MB", "512MiB", "1.5GB"."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(f"{name} must be an int (bytes) or a string like '8GB', got {value!r}")
-    if isinstance(value, int):
+def parse_size(value: int | float | str, name: str) -> int:
+    """Bytes from an int, a float (``8e9``; rounded down) or a string such as "8GB", "6GiB",
+    "512MB", "512MiB", "1.5GB", "8e9"."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(
+            f"{name} must be a number of bytes (8000000000 or 8e9) or a string like '8GB', "
+            f"got {value!r}"
+        )
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number of bytes, got {value}")
         if value < 0:
             raise ValueError(f"{name} must not be negative, got {value}")
-        return value
+        return int(value)
     m = _PATTERN.match(value)
     if not m:
         raise ValueError(
@@ -61,6 +72,11 @@ def format_size(n: float) -> str:
         if abs(n) >= factor:
             return f"{n / factor:.2f} {unit}"
     return f"{int(n)} B"
+
+
+def host_total() -> int:
+    """The host's physical memory in bytes (what no budget can exceed)."""
+    return psutil.virtual_memory().total
 
 
 def host_available() -> int:

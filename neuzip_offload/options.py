@@ -4,7 +4,8 @@ dispatch(), load() and plan_model() take keyword arguments from the user; each b
 :class:`DispatchOptions` (devices, budgets, codec settings, planner rates, block granularity)
 and, for ``trainable=True``, one :class:`TrainOptions`. Everything after that reads these
 objects: sizes are bytes, the device is a ``torch.device``, the codec is resolved for the
-device that decodes. Every error names the argument, the value and what was expected.
+device that decodes. Every error names the argument, the value and what was expected; a budget
+larger than the machine's memory is warned about (``warnings``: the user must act on it).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ class DispatchError(ValueError):
     """A model or an option that dispatch cannot take, with the reason."""
 
 
-def device_budget(max_gpu_mem: int | str | None, device: torch.device) -> int:
+Size = int | float | str
+
+
+def device_budget(max_gpu_mem: Size | None, device: torch.device) -> int:
     """Bytes the runtime may hold on ``device``: as given, else 90% of the free CUDA memory,
     else (the CPU backend) the host budget."""
     if max_gpu_mem is not None:
@@ -36,6 +40,57 @@ def device_budget(max_gpu_mem: int | str | None, device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.9)
     return budget.host_available()
+
+
+def _one_gpu(
+    max_gpu_mem: Size | dict[int, Size] | None, device: torch.device | str | None
+) -> tuple[Size | None, torch.device | str | None]:
+    """accelerate's ``{index: size}`` form of a budget: one entry names the GPU and its budget
+    (the device becomes ``cuda:index``); several are refused."""
+    if not isinstance(max_gpu_mem, dict):
+        return max_gpu_mem, device
+    if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in max_gpu_mem):
+        raise DispatchError(
+            f"max_gpu_mem={max_gpu_mem!r}: a key must be a GPU index (an int >= 0), as in "
+            "accelerate's max_memory; host memory is max_cpu_mem"
+        )
+    if len(max_gpu_mem) != 1:
+        raise DispatchError(
+            f"max_gpu_mem={max_gpu_mem!r}: several GPUs are not supported yet; pass the budget "
+            "of one GPU, e.g. max_gpu_mem='8GB' (and device='cuda:1' to choose which)"
+            if max_gpu_mem
+            else "max_gpu_mem={} names no GPU; pass a budget such as max_gpu_mem='8GB'"
+        )
+    ((index, size),) = max_gpu_mem.items()
+    gpu = torch.device("cuda", index)
+    if device is not None and torch.device(device) not in (gpu, torch.device("cuda")):
+        raise DispatchError(
+            f"max_gpu_mem={max_gpu_mem!r} names GPU {index}, but device={str(device)!r}; pass "
+            f"device='cuda:{index}' or a plain budget such as max_gpu_mem={size!r}"
+        )
+    return size, gpu
+
+
+def _warn_beyond(name: str, nbytes: int, total: int, what: str) -> None:
+    """Warn (at the user's call of dispatch/load/plan_model) about a budget no plan can use."""
+    if nbytes > total:
+        warnings.warn(
+            f"{name}={budget.format_size(nbytes)} is more than {what} "
+            f"({budget.format_size(total)}): a plan made for it will not fit here",
+            stacklevel=5,  # this, _check_machine, build, dispatch/load/plan_model, the user
+        )
+
+
+def _check_machine(opts: DispatchOptions, cuda_target_here: bool) -> None:
+    """Budgets beyond this machine: the host's RAM, and the device's memory where it is here
+    (a CUDA target that is not here, for plan_model, cannot be checked)."""
+    host = budget.host_total()
+    _warn_beyond("max_cpu_mem", opts.host_bytes, host, "this machine's memory")
+    if opts.device.type == "cpu":
+        _warn_beyond("max_gpu_mem", opts.device_bytes, host, "this machine's memory")
+    elif opts.device.type == "cuda" and cuda_target_here:
+        total = torch.cuda.get_device_properties(opts.device).total_memory
+        _warn_beyond("max_gpu_mem", opts.device_bytes, total, f"the memory of {opts.device}")
 
 
 def _positive(name: str, value: object) -> float:
@@ -66,9 +121,9 @@ class DispatchOptions:
     @classmethod
     def build(
         cls,
-        max_gpu_mem: int | str | None = None,
+        max_gpu_mem: Size | dict[int, Size] | None = None,
         *,
-        max_cpu_mem: int | str | None = None,
+        max_cpu_mem: Size | None = None,
         mode: str = "lossless",
         mantissa_bits: int = 3,
         block_size: int = 512,
@@ -87,7 +142,9 @@ class DispatchOptions:
         target_only: bool = False,
     ) -> DispatchOptions:
         """Validate the user's arguments. ``target_only``: ``device`` only names the target of a
-        plan (plan_model), so it need not be present; it defaults to CUDA then."""
+        plan (plan_model), so it need not be present; it defaults to CUDA then.
+        ``max_gpu_mem`` may be ``{index: size}`` for one GPU (accelerate's form)."""
+        max_gpu_mem, device = _one_gpu(max_gpu_mem, device)
         if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
             raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
         if target_bits is not None:
@@ -100,7 +157,7 @@ class DispatchOptions:
             device = "cuda" if target_only or torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
         if not target_only and dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}, but CUDA is not available")
+            raise ValueError(f"device={str(dev)!r}, but CUDA is not available")
         cfg = CodecConfig(
             mode=mode, codec=codec, mantissa_bits=mantissa_bits, block_size=block_size
         ).for_device(dev)
@@ -124,7 +181,7 @@ class DispatchOptions:
             if max_cpu_mem is not None
             else budget.host_available()
         )
-        return cls(
+        opts = cls(
             device=dev,
             codec=cfg,
             device_bytes=device_budget(max_gpu_mem, dev),
@@ -148,6 +205,9 @@ class DispatchOptions:
             progress=progress,
             log_events=log_events,
         )
+        here = dev.type == "cuda" and torch.cuda.is_available()
+        _check_machine(opts, here and (dev.index or 0) < torch.cuda.device_count())
+        return opts
 
     @property
     def encode_budget(self) -> int | None:

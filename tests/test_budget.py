@@ -20,6 +20,13 @@ from neuzip_offload.budget import format_size, host_available, parse_size
         ("100", 100),
         ("64KiB", 65536),
         ("2TB", 2 * 10**12),
+        ("8e9", 8 * 10**9),  # a number without a unit, as `--max-gpu-mem 8e9` gives it
+        ("8.5e9", 8_500_000_000),
+        ("7.5GB", 7_500_000_000),
+        ("1.5e3MB", 1_500_000_000),
+        (8e9, 8 * 10**9),  # floats are bytes, as ints are
+        (8.5e9, 8_500_000_000),
+        (1000.9, 1000),  # rounded down
     ],
 )
 def test_sizes(value, expected):
@@ -32,19 +39,22 @@ def test_bits_are_refused_with_a_hint(value):
         parse_size(value, "max_gpu_mem")
 
 
-@pytest.mark.parametrize("value", ["8XB", "8 gigs", "GB", "", "-1GB", "1e9"])
+@pytest.mark.parametrize("value", ["8XB", "8 gigs", "GB", "", "-1GB", "1e", "e9", "1e9.5"])
 def test_unknown_units_and_garbage_are_refused(value):
     with pytest.raises(ValueError, match="max_cpu_mem"):
         parse_size(value, "max_cpu_mem")
 
 
 def test_wrong_types_are_refused():
-    with pytest.raises(TypeError, match="max_gpu_mem"):
-        parse_size(8.0, "max_gpu_mem")
-    with pytest.raises(TypeError, match="max_gpu_mem"):
-        parse_size(True, "max_gpu_mem")
-    with pytest.raises(ValueError, match="negative"):
-        parse_size(-5, "max_gpu_mem")
+    for value in (True, None, [8], {0: "8GB"}):
+        with pytest.raises(TypeError, match="max_gpu_mem"):
+            parse_size(value, "max_gpu_mem")
+    for value in (-5, -1.0):
+        with pytest.raises(ValueError, match="negative"):
+            parse_size(value, "max_gpu_mem")
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="max_gpu_mem must be a finite number of bytes"):
+            parse_size(value, "max_gpu_mem")
 
 
 def test_format_size():
@@ -70,3 +80,9 @@ def test_host_available_keeps_headroom(monkeypatch, available, expected):
         budget.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=available)
     )
     assert host_available() == expected
+
+
+def test_host_total_is_the_machines_memory():
+    from neuzip_offload.budget import host_total
+
+    assert host_total() >= host_available() > 0

@@ -3,6 +3,8 @@ and plan_model; every refusal names the argument."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -107,3 +109,58 @@ def test_options_are_frozen():
 def test_the_gpu_codec_on_the_cpu_is_advised_against():
     with pytest.warns(UserWarning, match=r"codec='ans'.*slower than zstd"):
         DispatchOptions.build(10**8, device="cpu", codec="ans")
+
+
+def test_a_float_budget_is_bytes():
+    o = DispatchOptions.build(8e6, max_cpu_mem=8.5e6, reserve=1e3, device="cpu")
+    assert (o.device_bytes, o.host_bytes, o.reserve) == (8_000_000, 8_500_000, 1000)
+    assert nzo.plan_model(tiny_llama(), 8e6, max_cpu_mem=1e9, device="cpu").options.device_bytes
+    assert DispatchOptions.build("8e6", device="cpu").device_bytes == 8_000_000
+
+
+def test_a_budget_per_gpu_is_refused_until_several_gpus_are_supported():
+    for budgets in ({0: "8GB", 1: "8GB"}, {0: 8e9, 1: 8e9, 2: 8e9}):
+        with pytest.raises(
+            ValueError, match="several GPUs are not supported yet.*max_gpu_mem='8GB'"
+        ):
+            DispatchOptions.build(budgets, target_only=True)
+        with pytest.raises(ValueError, match="several GPUs are not supported yet"):
+            nzo.plan_model(tiny_llama(), budgets)
+    with pytest.raises(ValueError, match="names no GPU"):
+        DispatchOptions.build({}, target_only=True)
+
+
+def test_one_gpus_budget_in_accelerates_form_names_the_device():
+    o = DispatchOptions.build({1: "8GB"}, max_cpu_mem="1GB", target_only=True)
+    assert (o.device, o.device_bytes) == (torch.device("cuda", 1), 8 * 10**9)
+    o = DispatchOptions.build({0: 8e9}, max_cpu_mem="1GB", device="cuda", target_only=True)
+    assert (o.device, o.device_bytes) == (torch.device("cuda", 0), 8 * 10**9)
+    with pytest.raises(ValueError, match=r"names GPU 0, but device='cpu'; pass device='cuda:0'"):
+        DispatchOptions.build({0: "8GB"}, device="cpu")
+    for budgets in ({"cpu": "8GB"}, {0: "8GB", "cpu": "30GB"}, {-1: "8GB"}):
+        with pytest.raises(ValueError, match="a key must be a GPU index.*max_cpu_mem"):
+            DispatchOptions.build(budgets, target_only=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda:0', but CUDA is not available"):
+            nzo.dispatch(tiny_llama(), {0: "8GB"}, progress=False)
+
+
+def test_a_budget_beyond_the_machine_is_warned_about_where_the_user_called():
+    from neuzip_offload.budget import format_size, host_total
+
+    host = format_size(host_total())
+    with pytest.warns(
+        UserWarning,
+        match=rf"max_cpu_mem=909.49 TiB is more than this machine's "
+        rf"memory \({host}\)",
+    ) as w:
+        nzo.plan_model(tiny_llama(), "8GB", max_cpu_mem="1000TB")
+    assert w[0].filename == __file__  # at the user's call, not inside the library
+    with pytest.warns(UserWarning, match=r"max_gpu_mem=909.49 TiB is more than this machine's"):
+        DispatchOptions.build("1000TB", max_cpu_mem="1GB", device="cpu")
+    if torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="max_gpu_mem=909.49 TiB is more than the memory"):
+            DispatchOptions.build("1000TB", max_cpu_mem="1GB", device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within the machine: nothing
+        DispatchOptions.build("1GB", max_cpu_mem="1GB", device="cpu")
