@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 def dispatch(
     model: nn.Module,
-    max_gpu_mem: int | str | None = None,
+    max_gpu_mem: int | float | str | dict | None = None,
     *,
     mode: str = "lossless",
     mantissa_bits: int = 3,
@@ -99,7 +99,9 @@ def dispatch(
     mode: "lossless" (bit-exact) or "lossy" (``mantissa_bits`` kept after NeuZip's block
         normalization over ``block_size`` weights; or ``target_bits`` per weight on average, with
         k chosen per tensor, see neuzip_offload/mixed.py).
-    max_gpu_mem / max_cpu_mem: "8GB" (10^9), "8GiB" (2^30) or bytes; default: what is free.
+    max_gpu_mem / max_cpu_mem: "8GB" (10^9), "8GiB" (2^30) or bytes (8e9 too); default: what
+        is free. A one-GPU dict as accelerate takes ({1: "8GB"}) runs on that GPU; several GPUs
+        are not supported yet.
     prefetch: blocks copied and decoded ahead of the running one.
     reserve: device bytes kept for activations and KV cache ("auto": estimated from the config).
     device: where the model runs (default: CUDA if present, else the CPU).
@@ -184,7 +186,7 @@ def dispatch(
 
 def plan_model(
     model: nn.Module,
-    max_gpu_mem: int | str | None = None,
+    max_gpu_mem: int | float | str | dict | None = None,
     *,
     mode: str = "lossless",
     mantissa_bits: int = 3,
@@ -240,7 +242,7 @@ def plan_model(
 
 def load(
     path: str | os.PathLike,
-    max_gpu_mem: int | str | None = None,
+    max_gpu_mem: int | float | str | dict | None = None,
     *,
     max_cpu_mem: int | str | None = None,
     offload_dir: str | os.PathLike | None = None,
