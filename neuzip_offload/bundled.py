@@ -105,36 +105,21 @@ def matrices(state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfl
 def export_safetensors(model, out_dir, max_shard_bytes: int = 2 * 10**9) -> None:
     """Write a model as a Hugging Face safetensors directory (sharded, with index and config).
 
-    For models transformers will not save itself (read from GGUF, say). Tied weights are
-    written once, as transformers does.
+    For models transformers will not save itself (read from GGUF, say). huggingface_hub's
+    writer shards the state dict; a tied weight is written once, under its first name (the
+    input embedding's, as transformers does).
     """
-    from safetensors.torch import save_file
-
+    hub = _require("huggingface_hub", "'huggingface_hub>=0.24'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    seen, state = set(), {}
+    state, first = {}, set()
     for name, t in model.state_dict().items():
-        if t.data_ptr() in seen and t.numel():
+        alias = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())  # the same tensor again
+        if t.numel() and alias in first:
             continue
-        seen.add(t.data_ptr())
-        state[name] = t.detach().contiguous()
-    shards, current, size = [], {}, 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    shards.append(current)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
-    )
+        first.add(alias)
+        state[name] = t.detach()
+    hub.save_torch_state_dict(state, out, max_shard_size=max_shard_bytes)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(config, indent=1, default=str))

@@ -5,7 +5,8 @@ process at a time and becomes one output shard: its float matrices are compresse
 cut by pieces.cut, the rule dispatch uses), everything else is stored plain with a CRC-32. Each
 output shard is published atomically (storage.atomic_write) and recorded in a progress file, so
 an interrupted conversion resumes where it stopped; the input is only read. Worker processes
-(workers.process_context) convert shards side by side, or split a lone shard's tensors.
+(workers.WorkerProcesses, fresh interpreters, never forks) convert shards side by side, or
+split a lone shard's tensors, with this process gathering and writing its output.
 :func:`compress_tensors` is also what save_compressed() stores unsaved weights with.
 """
 
@@ -14,13 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import multiprocessing
 import os
 import re
 import shutil
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from .checkpoint import (
 from .codec import compress_many
 from .config import CodecConfig
 from .storage import read_safetensors_header, write_json, write_safetensors
-from .workers import process_context, shared_pool, usable_cpus
+from .workers import Job, WorkerProcesses, shared_pool, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +75,26 @@ def _row_pieces(
     return piece_rule.cut(shape[0], math.prod(shape) * itemsize, max_piece_bytes)
 
 
+_FLOATS = {d.safetensors: d.itemsize for d in dtypes.COMPRESSIBLE}  # "BF16" → 2
 _LAYER = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.12.mlp.up_proj.weight" → "model.layers.12"
 
 
-def _layer_bytes(headers: list[dict]) -> int:
-    """The largest layer's bytes, grouping tensors by their "<prefix>.<number>." (0: none)."""
+def _layer_bytes(headers: list[dict], dtype: torch.dtype | None) -> int:
+    """The largest layer's compressible bytes, as dispatch measures its blocks (0: no layers).
+
+    Dispatch's limit is the largest layer's weights: the 2-D float matrices of its Linear,
+    Embedding and Conv1D modules, in the dtype they have then. Without the modules, a layer is
+    the tensors named "<prefix>.<number>." and its weights are its 2-D bf16/fp16/fp32 tensors,
+    counted in ``dtype`` when the conversion casts them; norms, biases and buffers do not count.
+    """
     layers: dict[str, int] = {}
     for h in headers:
         for name, v in h.items():
             m = _LAYER.match(name) if name != "__metadata__" else None
-            if m:
-                layers[m.group(1)] = layers.get(m.group(1), 0) + _nbytes(v)
+            if m is None or len(v["shape"]) != 2 or v["dtype"] not in _FLOATS:
+                continue
+            itemsize = dtypes.of(dtype).itemsize if dtype is not None else _FLOATS[v["dtype"]]
+            layers[m.group(1)] = layers.get(m.group(1), 0) + math.prod(v["shape"]) * itemsize
     return max(layers.values(), default=0)
 
 
@@ -170,8 +179,7 @@ def _encode_group(
     max_piece_bytes: int,
 ) -> tuple[dict, dict, dict]:
     """In a worker process: compress some tensors of a shard (read from its own memory map);
-    results as numpy arrays (plain pickles, no shared-memory handles)."""
-    torch.set_num_threads(1)
+    results as (bytes as a numpy array, dtype name, shape), plain to pickle."""
     with safe_open(str(shard), framework="pt") as f:
         r = compress_tensors(
             ((n, f.get_tensor(n)) for n in names),
@@ -193,50 +201,63 @@ def _encode_group(
     return arrays, r.metadata, {k: e.to_json() for k, e in r.entries.items()}
 
 
-def _convert_shard(
+def convert_shard(
+    shard: Path,
+    out: Path,
+    cfg: CodecConfig,
+    dtype: torch.dtype | None,
+    max_piece_bytes: int,
+    procs: WorkerProcesses | None = None,
+) -> dict:
+    """One input shard → one output shard on disk (published atomically); returns the index
+    entries of its tensors as JSON.
+
+    Without ``procs``, in the calling process (this one, or a worker converting shards side by
+    side); with ``procs``, the shard's tensors are divided among its processes by size and
+    this process gathers and writes them (the same bytes either way).
+    """
+    if procs is None:
+        with safe_open(str(shard), framework="pt") as f:
+            result = compress_tensors(
+                ((n, f.get_tensor(n)) for n in f.keys()),  # noqa: SIM118
+                out.name,
+                cfg,
+                dtype,
+                max_piece_bytes,
+                shared_pool(),
+                tqdm(disable=True),
+            )
+    else:
+        result = _gather(shard, out.name, cfg, dtype, max_piece_bytes, procs)
+    write_safetensors(result.tensors, result.metadata, out)
+    return {k: e.to_json() for k, e in result.entries.items()}
+
+
+def _gather(
     shard: Path,
     out_name: str,
     cfg: CodecConfig,
     dtype: torch.dtype | None,
     max_piece_bytes: int,
-    pool: Executor | None,
-    bar: tqdm,
-    workers: int,
+    procs: WorkerProcesses,
 ) -> ShardResult:
-    """One input shard → its output tensors, in this process or split among ``workers``."""
+    """A shard's tensors compressed in groups of about equal bytes, one a process."""
     header, _ = read_safetensors_header(shard)
     sizes = {k: _nbytes(v) for k, v in header.items() if k != "__metadata__"}
-    if workers <= 1 or len(sizes) < 2:
-        with safe_open(str(shard), framework="pt") as f:
-            return compress_tensors(
-                ((n, f.get_tensor(n)) for n in f.keys()),  # noqa: SIM118
-                out_name,
-                cfg,
-                dtype,
-                max_piece_bytes,
-                pool,
-                bar,
-            )
-    groups: list[list[str]] = [[] for _ in range(workers)]
-    load = [0] * workers
+    groups: list[list[str]] = [[] for _ in range(min(procs.n, len(sizes)))]
+    load = [0] * len(groups)
     for name in sorted(sizes, key=lambda k: -sizes[k]):  # largest first, to the least loaded
         i = load.index(min(load))
         groups[i].append(name)
         load[i] += sizes[name]
+    args = (out_name, cfg, dtype, max_piece_bytes)
+    jobs = [Job(_encode_group, (shard, g, *args), f"{shard} ({len(g)} tensors)") for g in groups]
     result = ShardResult({}, {}, {})
-    with ProcessPoolExecutor(max_workers=workers, mp_context=process_context()) as procs:
-        futures = [
-            procs.submit(_encode_group, shard, g, out_name, cfg, dtype, max_piece_bytes)
-            for g in groups
-            if g
-        ]
-        for fut, g in zip(futures, [g for g in groups if g], strict=True):
-            arrays, metadata, entries = fut.result()
-            for k, (a, dt, shape) in arrays.items():
-                result.tensors[k] = torch.from_numpy(a).view(dtypes.of_name(dt).dtype).view(shape)
-            result.metadata.update(metadata)
-            result.entries.update({k: Entry.from_json(k, v) for k, v in entries.items()})
-            bar.update(sum(math.prod(header[n]["shape"]) for n in g))
+    for _, (arrays, metadata, entries) in procs.run(jobs):
+        for k, (a, dt, shape) in arrays.items():
+            result.tensors[k] = torch.from_numpy(a).view(dtypes.of_name(dt).dtype).view(shape)
+        result.metadata.update(metadata)
+        result.entries.update({k: Entry.from_json(k, v) for k, v in entries.items()})
     return result
 
 
@@ -290,10 +311,13 @@ def convert(
     after an interruption skips them. The input is only read. ``dtype`` ("bf16", "fp16", "fp32"):
     convert floats first; None keeps each tensor's own dtype (lossless in it).
     ``max_piece_bytes``: larger tensors are stored in row pieces, so that an embedding or head
-    streams through slots no larger than a layer (default: the largest layer, recognized by the
-    tensor names; 256 MiB if none). ``workers``: processes (the rANS encoder is single-threaded
+    streams through slots no larger than a layer (default: the largest layer's weights, as
+    dispatch measures them, the layers recognized by the tensor names; 256 MiB if none).
+    ``workers``: processes converting, this one included (the rANS encoder is single-threaded
     Python, so processes, not threads): shards are converted side by side, or a lone shard's
-    tensors are split between them. Default: one per core when there is over 64 MB to convert.
+    tensors are split between them. The others are fresh interpreters (workers.py), ready after
+    a few seconds; this process converts meanwhile. Default: one per usable CPU when there is
+    over 64 MB to convert. A shard that fails raises WorkerError naming it.
     Peak memory is about ``workers`` x (largest shard + its compressed output + ~0.5 GB of
     encoder scratch).
     """
@@ -316,7 +340,7 @@ def convert(
     shards = source_shards(src)
     headers = [read_safetensors_header(s)[0] for s in shards]
     if max_piece_bytes is None:
-        max_piece_bytes = _layer_bytes(headers) or DEFAULT_PIECE_BYTES
+        max_piece_bytes = _layer_bytes(headers, dtype) or DEFAULT_PIECE_BYTES
     dst.mkdir(parents=True, exist_ok=True)
     settings = index_settings(cfg, dtype, max_piece_bytes)
     progress_path = dst / PROGRESS_NAME
@@ -371,35 +395,12 @@ def convert(
         bar.update(weights[shard])
 
     args = (cfg, dtype, max_piece_bytes)
-    if workers > 1 and len(todo) > 1:  # whole shards side by side
-        with ProcessPoolExecutor(
-            max_workers=min(workers, len(todo)), mp_context=process_context()
-        ) as procs:
-            futures = {
-                procs.submit(_convert_file, s, dst / out_names[s], *args, 1): s for s in todo
-            }
-            for fut in as_completed(futures):
-                record(futures[fut], fut.result())
-    else:
-        for shard in todo:
-            record(shard, _convert_file(shard, dst / out_names[shard], *args, workers))
+    with WorkerProcesses(workers) as procs:
+        if len(todo) == 1 and workers > 1:  # a lone shard: its tensors divided among them
+            record(todo[0], convert_shard(todo[0], dst / out_names[todo[0]], *args, procs))
+        else:  # whole shards, side by side
+            jobs = [Job(convert_shard, (s, dst / out_names[s], *args), str(s)) for s in todo]
+            for i, shard_entries in procs.run(jobs):
+                record(todo[i], shard_entries)
     bar.close()
     return _finish(dst, settings, entries, src if src.is_dir() else src.parent)
-
-
-def _convert_file(
-    shard: Path,
-    out: Path,
-    cfg: CodecConfig,
-    dtype: torch.dtype | None,
-    max_piece_bytes: int,
-    workers: int,
-) -> dict:
-    """One input shard → one output shard on disk (atomically); returns its entries as JSON."""
-    if multiprocessing.parent_process() is not None:
-        torch.set_num_threads(1)  # one process per core
-    result = _convert_shard(
-        shard, out.name, cfg, dtype, max_piece_bytes, shared_pool(), tqdm(disable=True), workers
-    )
-    write_safetensors(result.tensors, result.metadata, out)
-    return {k: e.to_json() for k, e in result.entries.items()}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import math
 
-import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,7 +18,8 @@ import neuzip_offload as nzo
 from neuzip_offload import pieces
 from neuzip_offload.checkpoint import Checkpoint
 from neuzip_offload.kernels import planes
-from tests.helpers import same_bits
+from neuzip_offload.model_analysis import analyze, layer_bytes
+from tests.helpers import same_bits, tiny_gpt2, tiny_llama
 
 shapes = st.tuples(
     st.integers(1, 5000),  # rows (the cut dimension)
@@ -40,7 +40,7 @@ def test_pieces_cover_the_rows_in_order_without_gaps(case):
 
 
 @given(shapes)
-def test_pieces_are_few_and_within_one_row_of_the_limit(case):
+def test_pieces_are_the_fewest_within_the_limit(case):
     length, row, limit = case
     nbytes = length * row
     cut = pieces.cut(length, nbytes, limit)
@@ -51,20 +51,14 @@ def test_pieces_are_few_and_within_one_row_of_the_limit(case):
     if rows_per_piece == 0:  # a single row is larger than the limit: one row a piece
         assert cut == [(a, a + 1) for a in range(length)]
         return
-    # never more pieces than a cut into pieces of at most `limit` bytes needs ...
-    assert len(cut) <= math.ceil(length / rows_per_piece)
-    # ... and none more than one row over the limit (equal pieces round the rows up)
-    assert all((b - a) * row <= limit + row for a, b in cut)
+    assert all((b - a) * row <= limit for a, b in cut)  # the planner sizes slots from these
+    assert len(cut) == math.ceil(length / rows_per_piece)  # no cut within the limit has fewer
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pieces.cut's docstring promises pieces of at most `limit` bytes; equal pieces of "
-    "ceil(length / ceil(nbytes / limit)) rows can exceed it by up to a row (reported in issue 9)",
-)
 def test_pieces_are_at_most_the_limit():
-    # 10 rows of 10 bytes, limit 34: three pieces of 4 rows = 40 bytes each
-    assert all((b - a) * 10 <= 34 for a, b in pieces.cut(10, 100, 34))
+    # 10 rows of 10 bytes, limit 34: at most 3 rows a piece, so four pieces (3, 3, 3, 1 rows);
+    # equal pieces of ceil(10 / ceil(100 / 34)) = 4 rows would be 40 bytes
+    assert pieces.cut(10, 100, 34) == [(0, 3), (3, 6), (6, 9), (9, 10)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -138,16 +132,23 @@ def test_load_places_a_converted_checkpoints_pieces_without_compressing(tmp_path
         assert same_bits(loaded(ids).logits, ref(ids).logits)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the converter's limit is a layer's bytes with its norms (names matching "
-    "'<prefix>.<n>.'), dispatch's a layer's compressed weights: one rule, two limits, so an "
-    "embedding just over a multiple of a layer is cut differently (reported in issue 9)",
-)
 def test_the_converter_and_dispatch_cut_at_the_same_limit(tmp_path, monkeypatch):
     # 1155 x 64 bf16 = 147,840 bytes: 2.005 layers of weights (73,728 bytes each), 1.998
-    # layers with the norms (73,984): dispatch cuts 3 pieces, the converter 2
+    # layers with the norms (73,984): cut at the second limit, it would be 2 pieces, not 3
     model = _llama_with_vocab(1155)
     stored, loaded_pieces, dispatched, _ = _convert_load_dispatch(tmp_path, model, monkeypatch)
+    assert len(stored) == 3
     assert loaded_pieces == stored  # load takes the checkpoint's pieces (nothing compressed)
     assert dispatched == stored
+
+
+def test_the_converters_limit_is_dispatchs_in_the_dtype_converted_to(tmp_path):
+    """Dispatch measures a layer by its compressed weights in their dtype: a conversion from
+    fp32 to bf16 cuts at the bf16 layer's bytes, with norms and biases left out (GPT-2 has
+    both, and Conv1D weights)."""
+    for name, model in (("llama", tiny_llama(dtype=torch.float32)), ("gpt2", tiny_gpt2())):
+        model.save_pretrained(tmp_path / name)
+        out = nzo.convert(tmp_path / name, tmp_path / f"{name}-nz", dtype="bf16", progress=False)
+        weights, _ = analyze(model.to(torch.bfloat16), None)
+        limit = max(layer_bytes(weights).values())
+        assert Checkpoint(out).settings["max_piece_bytes"] == limit, name
