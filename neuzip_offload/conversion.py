@@ -32,6 +32,7 @@ from . import dtypes
 from . import pieces as piece_rule
 from .checkpoint import (
     DEFAULT_PIECE_BYTES,
+    INDEX_NAME,
     PROGRESS_NAME,
     CheckpointError,
     Entry,
@@ -45,17 +46,38 @@ from .workers import Job, WorkerProcesses, shared_pool, usable_cpus
 
 log = logging.getLogger(__name__)
 
-COPIED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-)
+# What a source directory holds besides its weights is carried over as it is (config, generation
+# config, tokenizer files, chat_template.jinja, a sentence-transformers pooling folder ...);
+# weight files, in any format, and hidden files are not.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+WEIGHT_INDEXES = (".safetensors.index.json", ".bin.index.json")
+
+
+def is_weight_file(name: str) -> bool:
+    """Whether a file of a model directory holds (or indexes) weights."""
+    return name.endswith(WEIGHT_SUFFIXES) or name.endswith(WEIGHT_INDEXES)
+
+
+def copy_companions(src_dir: Path, dst: Path) -> list[str]:
+    """Copy every file of ``src_dir`` that is not a weight file, a hidden file or this format's
+    own, subfolders included; returns the names copied (relative paths)."""
+    copied = []
+    own = {INDEX_NAME, PROGRESS_NAME}
+    out = dst.resolve()
+    for path in sorted(src_dir.rglob("*")):
+        rel = path.relative_to(src_dir)
+        if (
+            not path.is_file()
+            or path.resolve().is_relative_to(out)  # the output inside the source
+            or any(part.startswith(".") for part in rel.parts)
+            or is_weight_file(path.name)
+            or str(rel) in own
+        ):
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dst / rel)
+        copied.append(str(rel))
+    return copied
 
 
 def _nbytes(info: dict) -> int:
@@ -79,7 +101,7 @@ _FLOATS = {d.safetensors: d.itemsize for d in dtypes.COMPRESSIBLE}  # "BF16" →
 _LAYER = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.12.mlp.up_proj.weight" → "model.layers.12"
 
 
-def _layer_bytes(headers: list[dict], dtype: torch.dtype | None) -> int:
+def layer_bytes(headers: list[dict], dtype: torch.dtype | None) -> int:
     """The largest layer's compressible bytes, as dispatch measures its blocks (0: no layers).
 
     Dispatch's limit is the largest layer's weights: the 2-D float matrices of its Linear,
@@ -281,12 +303,10 @@ def _file_id(p: Path) -> dict:
 
 
 def _finish(dst: Path, settings: dict, entries: dict[str, Entry], src_dir: Path) -> Path:
-    """Copy the source's config and tokenizer files, then publish the index (the checkpoint is
-    complete from then on)."""
+    """Copy the source's other files (config, tokenizer ...), then publish the index (the
+    checkpoint is complete from then on)."""
     if src_dir.is_dir():
-        for name in COPIED_FILES:
-            if (src_dir / name).exists():
-                shutil.copyfile(src_dir / name, dst / name)
+        copy_companions(src_dir, dst)
     write_index(dst, settings, entries)
     return dst
 
@@ -340,7 +360,7 @@ def convert(
     shards = source_shards(src)
     headers = [read_safetensors_header(s)[0] for s in shards]
     if max_piece_bytes is None:
-        max_piece_bytes = _layer_bytes(headers, dtype) or DEFAULT_PIECE_BYTES
+        max_piece_bytes = layer_bytes(headers, dtype) or DEFAULT_PIECE_BYTES
     dst.mkdir(parents=True, exist_ok=True)
     settings = index_settings(cfg, dtype, max_piece_bytes)
     progress_path = dst / PROGRESS_NAME

@@ -12,6 +12,7 @@ config, and building / filling a model on the meta device.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,13 +82,20 @@ def check_model(model: object, allow_meta: bool = False) -> nn.Module:
 
 
 def layer_roots(model: nn.Module) -> list[str]:
-    """Names of the layer blocks: _no_split_modules classes, else the largest ModuleList."""
+    """Names of the layer blocks: _no_split_modules classes, else the largest ModuleList.
+
+    Layers repeat: a class listed there that occurs once beside one that repeats (BERT's
+    BertEmbeddings beside its BertLayers) is not a layer, so that its large weights stand alone
+    and are cut into pieces like any other weight outside the layers."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     roots: list[str] = []
     if names:
         for qn, m in model.named_modules():
             if type(m).__name__ in names and not any(qn.startswith(r + ".") for r in roots):
                 roots.append(qn)
+    counts = collections.Counter(type(model.get_submodule(r)).__name__ for r in roots)
+    if counts and max(counts.values()) > 1:
+        roots = [r for r in roots if counts[type(model.get_submodule(r)).__name__] > 1]
     if roots:
         return roots
     best, best_params = None, 0

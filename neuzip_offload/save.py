@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import dtypes
 from .checkpoint import DEFAULT_PIECE_BYTES, Entry, index_settings, write_index
 from .config import CodecConfig
-from .conversion import compress_tensors
+from .conversion import compress_tensors, layer_bytes
 from .handle import Dispatched, ExportedWeight
 from .storage import write_safetensors
 from .workers import shared_pool
@@ -33,16 +33,19 @@ def save_compressed(
     block_size: int | None = None,
     codec: str | None = None,
     max_shard_bytes: int = 2 * 10**9,
-    max_piece_bytes: int = DEFAULT_PIECE_BYTES,
+    max_piece_bytes: int | None = None,
     progress: bool = True,
 ) -> Path:
     """Write a model (dispatched or not) or a state dict as a compressed checkpoint.
 
-    A dispatched model's compressed weights are written as they are (a trained model's current
-    weights, in its own pieces), and the index records the settings they were coded with: the
-    codec settings may be left out (given, they must agree). Otherwise everything is compressed
-    with the given settings (default: lossless, ans). Tensors that share storage (tied weights)
-    are written once; the others become aliases in the index.
+    Large tensors outside the layers are cut into row pieces no larger than the largest layer's
+    weights, as ``convert`` cuts them (``max_piece_bytes`` to choose), so that what is written
+    loads at the budget the model dispatches at. A dispatched model's compressed weights are
+    written as they are (a trained model's current weights, in its own pieces), and the index
+    records the settings they were coded with: the codec settings may be left out (given, they
+    must agree). Otherwise everything is compressed with the given settings (default: lossless,
+    ans). Tensors that share storage (tied weights) are written once; the others become aliases
+    in the index. A transformers model's config and generation config are written beside.
     """
     out = Path(out_dir)
     handle: Dispatched | None = getattr(model_or_state_dict, "neuzip", None)
@@ -81,6 +84,12 @@ def save_compressed(
             f"{type(model_or_state_dict).__name__}"
         )
     state, aliases = _unique(state)
+    if max_piece_bytes is None:  # cut as convert() cuts: at the largest layer's weights
+        shapes = {
+            n: {"shape": list(t.shape), "dtype": dtypes.of(t.dtype).safetensors}
+            for n, t in state.items()
+        }
+        max_piece_bytes = layer_bytes([shapes], None) or DEFAULT_PIECE_BYTES
     ready: dict[str, ExportedWeight] = (
         {w.name: w for w in handle.export()} if handle is not None else {}
     )
@@ -130,6 +139,9 @@ def save_compressed(
     bar.close()
     if config is not None and hasattr(config, "to_json_file"):
         config.to_json_file(str(out / "config.json"))
+    generation = getattr(model_or_state_dict, "generation_config", None)
+    if generation is not None and hasattr(generation, "save_pretrained"):
+        generation.save_pretrained(str(out))
     write_index(out, index_settings(cfg, None, max_piece_bytes), entries, aliases)
     return out
 

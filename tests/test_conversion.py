@@ -250,3 +250,36 @@ def test_a_failure_in_a_worker_names_the_shard_and_carries_its_traceback(tmp_pat
     ):
         list(procs.run([job]))
     assert "Traceback" in str(info.value.__cause__)  # the worker's own
+
+
+def test_every_file_beside_the_weights_is_carried_over(tmp_path):
+    src = tmp_path / "src"
+    tiny_llama().save_pretrained(src)
+    companions = {
+        "tokenizer.json": "{}",
+        "chat_template.jinja": "{{ messages }}",
+        "special_tokens_map.json": "{}",
+        "1_Pooling/config.json": "{}",
+    }
+    for name, text in companions.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    (src / ".gitattributes").write_text("*.bin lfs")
+    torch.save({}, src / "pytorch_model.bin")  # another format's weights: not carried
+    out = nzo.convert(src, tmp_path / "out", progress=False)
+    carried = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert set(companions) | {"config.json", "generation_config.json"} <= carried
+    assert not carried & {".gitattributes", "pytorch_model.bin", "model.safetensors"}
+    for name, text in companions.items():
+        assert (out / name).read_text() == text
+
+
+def test_save_compressed_cuts_pieces_as_convert_does(tmp_path):
+    """So that what it writes loads at the budget the model dispatches at."""
+    model = tiny_llama(tied=False)  # a 1000 x 64 embedding and head, beside 4 small layers
+    model.save_pretrained(tmp_path / "hf")
+    converted = Checkpoint(nzo.convert(tmp_path / "hf", tmp_path / "a", progress=False))
+    saved = Checkpoint(nzo.save_compressed(model, tmp_path / "b", progress=False))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        ranges = [[(a, b) for _, _, a, b in ck.entries[name].pieces] for ck in (converted, saved)]
+        assert ranges[0] == ranges[1] and len(ranges[0]) > 1, name
