@@ -212,6 +212,15 @@ class FusedOptimizer(torch.optim.Optimizer):
     def update(self, key: str, param: torch.Tensor, grad: torch.Tensor) -> None:
         raise NotImplementedError  # pragma: no cover - the subclasses define it
 
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held (every tensor of every weight's state)."""
+        return sum(
+            t.numel() * t.element_size()
+            for s in self.state.values()
+            for t in s.values()
+            if isinstance(t, torch.Tensor)
+        )
+
     @torch.no_grad()
     def step(self, closure=None):
         """Nothing to apply: each update ran inside backward. Runs ``closure`` (with grad) if

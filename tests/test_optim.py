@@ -91,3 +91,10 @@ def test_adamw_with_fp32_state_on_bf16_weights_is_torch_adamw_on_widened_weights
     assert not all(
         same_bits(a, b) for a, b in zip(narrow.parameters(), plain.parameters(), strict=True)
     )
+
+
+def test_state_bytes_counts_the_state_held():
+    opt = nzo.optim.AdamW(lr=1e-3)
+    p = torch.zeros(10, 4)
+    opt.update("w", p, torch.ones(10, 4))
+    assert opt.state_bytes() == 2 * p.numel() * p.element_size()  # exp_avg and exp_avg_sq
