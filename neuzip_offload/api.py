@@ -45,6 +45,7 @@ from .loading import (
     first_dtype,
     place_weights,
     stored_bits_per_weight,
+    with_adapter,
 )
 from .mixed import check_calibration
 from .model_analysis import (
@@ -248,6 +249,7 @@ def load(
     offload_dir: str | os.PathLike | None = None,
     model: nn.Module | None = None,
     model_class: type | str | None = None,
+    adapter: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
     prefetch: int = 2,
     reserve: int | str | None = "auto",
@@ -265,7 +267,8 @@ def load(
     ``architectures`` names (or ``model_class``, a transformers class or its name; or pass
     ``model``, built on meta); small tensors are read, the compressed weights are planned into
     tiers: what neither the device nor ``max_cpu_mem`` holds is read from the checkpoint's files
-    as it is needed (checksums checked on every read). ``offload_dir``: copy the shards the disk
+    as it is needed (checksums checked on every read). ``adapter``: a peft adapter directory
+    (``save_pretrained``) to run over the compressed base. ``offload_dir``: copy the shards the disk
     tier reads to this (faster) disk first. ``verify``: check every tensor's checksum before
     planning.
     """
@@ -287,6 +290,8 @@ def load(
         model = model_from_config(ck.path, first_dtype(ck), model_class)
     elif model_class is not None:
         raise DispatchError("pass model= or model_class=, not both")
+    if adapter is not None:  # a saved peft adapter over the compressed base
+        model = with_adapter(model, adapter)
     check_model(model, allow_meta=True)
     return _load(ck, opts, model, verify, offload_dir)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import warnings
 from concurrent.futures import Executor as ThreadPool
@@ -82,6 +83,13 @@ def place_weights(
     locations: dict[str, dict[str, PlaneLocation]] = {}
     stored: dict[str, tuple[str, str]] = {}  # piece key → (the checkpoint's piece name, shard)
     for w in weights:
+        if w.param.device.type != "meta" and _entry_for(ck, w, prefix, required=False) is None:
+            # a weight the caller brought (a peft adapter's): compressed from its values
+            cut_pieces([w], max(layer_bytes(weights).values(), default=0))
+            compressed.update(
+                compress_weights([w], opts.codec, {}, pool, False, opts.encode_budget)
+            )
+            continue
         entry = _entry_for(ck, w, prefix)
         w.dtype = getattr(torch, entry.dtype)
         dims = {kind_of(m).split_dim for _, m in w.users}
@@ -144,12 +152,45 @@ def copy_shards(ck: Checkpoint, dst: Path) -> Checkpoint:
     return Checkpoint(dst)
 
 
+def with_adapter(model: nn.Module, adapter: str | os.PathLike) -> nn.Module:
+    """``model`` (built on meta) wrapped by the peft adapter saved in ``adapter``, its adapter
+    weights read (on the host): load() then fills the base from the compressed checkpoint and
+    compresses the adapter's weights from their values, as PeftModel.from_pretrained over the
+    uncompressed base would run them."""
+    try:
+        from peft import PeftConfig, get_peft_model
+        from peft.utils import load_peft_weights
+    except ImportError as e:
+        raise DispatchError("adapter= needs the peft package (pip install peft)") from e
+    path = Path(adapter)
+    if not path.is_dir():
+        raise DispatchError(f"adapter={str(adapter)!r}: no such directory (a peft save_pretrained)")
+    wrapped = get_peft_model(model, PeftConfig.from_pretrained(str(path)))
+    # peft saves names without the adapter's own ("...lora_A.weight" for "...lora_A.default.weight")
+    name = wrapped.active_adapter
+    ours = {n.replace(f".{name}.", "."): n for n, _ in wrapped.named_parameters()}
+    for key, value in load_peft_weights(str(path)).items():
+        if key not in ours:
+            raise DispatchError(f"adapter={str(adapter)!r}: {key} has no place in the model")
+        set_tensor(wrapped, ours[key], value)
+    return wrapped.eval()
+
+
+def peft_base_name(name: str) -> str:
+    """The base model's name of a tensor in a peft-wrapped model ("base_model.model." before it,
+    ".base_layer" where LoRA wraps a Linear): a compressed base fills the wrapped model."""
+    if name.startswith("base_model.model."):
+        name = name[len("base_model.model.") :]
+    return name.replace(".base_layer.", ".")
+
+
 def entry_key(ck: Checkpoint, name: str, prefix: str = "") -> str | None:
     """The checkpoint's name for the model's tensor ``name`` (None: it has none). As
     transformers loads them: the name itself or an alias of it, else the name with the model's
     ``base_model_prefix`` ("transformer", "model", "bert" ...) dropped or added, so that a base
     model's checkpoint fills a model with a head (GPT-2's "h.0..." for "transformer.h.0...")
     and the other way round."""
+    name = peft_base_name(name)
     candidates = [name]
     if prefix:
         head = prefix + "."
@@ -161,11 +202,13 @@ def entry_key(ck: Checkpoint, name: str, prefix: str = "") -> str | None:
     return None
 
 
-def _entry_for(ck: Checkpoint, w: Weight, prefix: str = "") -> Entry:
+def _entry_for(ck: Checkpoint, w: Weight, prefix: str = "", required: bool = True) -> Entry | None:
     for name in w.names:
         key = entry_key(ck, name, prefix)
         if key is not None:
             return ck.entries[key]
+    if not required:
+        return None
     raise DispatchError(f"{ck.path}: the checkpoint lacks {w.key}")
 
 

@@ -96,3 +96,32 @@ def test_a_base_gpt2_checkpoint_loads_into_the_lm_head_model(tmp_path):
     ids = torch.randint(0, 300, (1, 7))
     with torch.no_grad():
         assert same_bits(loaded(ids).logits, head(ids).logits)
+
+
+def test_a_saved_peft_adapter_runs_over_a_compressed_base(tmp_path):
+    """As PeftModel.from_pretrained over transformers' own load of the uncompressed base."""
+    import copy
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from tests.helpers import tiny_llama
+
+    base = tiny_llama()
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(copy.deepcopy(base), lora).save_pretrained(tmp_path / "adapter")
+    base.save_pretrained(tmp_path / "hf")
+    nzo.save_compressed(base, tmp_path / "ck", codec="zstd", progress=False)
+    ids = torch.randint(0, 1000, (1, 6))
+    reference = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16),
+        tmp_path / "adapter",
+    ).eval()
+    loaded = nzo.load(
+        tmp_path / "ck", adapter=tmp_path / "adapter", max_gpu_mem=10**8, progress=False
+    )
+    with torch.no_grad():
+        assert same_bits(loaded(ids).logits, reference(ids).logits)
+    with pytest.raises(nzo.DispatchError, match="adapter=.*no such directory"):
+        nzo.load(tmp_path / "ck", adapter=tmp_path / "none", max_gpu_mem=10**8, progress=False)
