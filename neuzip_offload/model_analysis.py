@@ -13,6 +13,7 @@ config, and building / filling a model on the meta device.
 from __future__ import annotations
 
 import collections
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -279,6 +280,32 @@ def estimate_reserve(model: nn.Module, seq_len: int = 1024, batch: int = 1) -> i
 # ---------------------------------------------------------------------------------------------
 # models on the meta device: built from a config, filled from files
 # ---------------------------------------------------------------------------------------------
+
+
+PLAIN_SHARE_WARNED = 0.10  # plain parameters above this share of the model are worth a warning
+
+
+def warn_plain_share(model: nn.Module, weights: list[Weight]) -> None:
+    """Warn when a large share of the model stays uncompressed and resident (parameters of
+    modules that are not Linear, Embedding or Conv1D, such as fused 3-D expert tensors of
+    mixture-of-experts models): the budget must hold them whole, and nothing says so otherwise."""
+    covered = {id(w.param) for w in weights}
+    total, plain, owners = 0, 0, collections.Counter()
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            total += p.numel()
+            if id(p) not in covered:
+                plain += p.numel()
+                owners[type(m).__name__] += p.numel()
+    if total and plain / total > PLAIN_SHARE_WARNED:
+        top = ", ".join(f"{name} ({n / total:.0%})" for name, n in owners.most_common(3))
+        warnings.warn(
+            f"{plain / total:.0%} of the model's parameters stay uncompressed and resident on "
+            f"the device: they belong to modules whose weights are not compressed ({top}); "
+            "only Linear, Embedding and Conv1D weights are (mixture-of-experts tensors are not "
+            "supported yet)",
+            stacklevel=4,
+        )
 
 
 def model_from_config(

@@ -28,7 +28,7 @@ from . import blocks as block_builder
 from . import budget, calibrate, sizing
 from .compressed import CompressedTensor
 from .kernels import planes
-from .model_analysis import Weight, analyze, estimate_reserve, resident_bytes
+from .model_analysis import Weight, analyze, estimate_reserve, resident_bytes, warn_plain_share
 from .options import GRANULARITIES, DispatchOptions
 from .scheduler.plan import DEVICE, BlockSpec, Plan, PlanError, PlanOptions, make_plan
 from .scheduler.store import BlockData
@@ -133,9 +133,13 @@ def analyze_at_granularity(
     """(weights, roots) at the granularity asked, or for "auto" the coarsest whose estimated plan
     fits: whole layers, else their attention/MLP parts, else single matrices."""
     if opts.granularity != "auto":
-        return analyze(model, opts.max_block_bytes, opts.granularity, trainable)
-    for g in GRANULARITIES:
+        weights, roots = analyze(model, opts.max_block_bytes, opts.granularity, trainable)
+        warn_plain_share(model, weights)
+        return weights, roots
+    for i, g in enumerate(GRANULARITIES):
         weights, roots = analyze(model, opts.max_block_bytes, g, trainable)
+        if i == 0:  # the weights are the same at every granularity
+            warn_plain_share(model, weights)
         try:
             estimated_plan(opts, model, weights, bits, on_disk)
             return weights, roots
