@@ -9,7 +9,7 @@ import neuzip_offload as nzo
 from tests.helpers import same_bits
 
 
-def _tiny(kind: str):
+def _tiny(kind: str, bert_class: str = "BertModel"):
     import transformers as tf
 
     torch.manual_seed(0)
@@ -20,9 +20,9 @@ def _tiny(kind: str):
             num_hidden_layers=2,
             num_attention_heads=2,
             intermediate_size=64,
-            architectures=["BertModel"],
+            architectures=[bert_class],
         )
-        return tf.BertModel(cfg).eval()
+        return getattr(tf, bert_class)(cfg).eval()
     cfg = tf.T5Config(
         vocab_size=300,
         d_model=32,
@@ -55,16 +55,7 @@ def test_model_class_overrides_the_config_and_prefixes_follow(tmp_path):
     """A head model's checkpoint run as its base model ("bert." dropped), as transformers does."""
     import transformers as tf
 
-    torch.manual_seed(0)
-    cfg = tf.BertConfig(
-        vocab_size=300,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        architectures=["BertForSequenceClassification"],
-    )
-    masked = tf.BertForSequenceClassification(cfg).eval()
+    masked = _tiny("bert", "BertForSequenceClassification")
     nzo.save_compressed(masked, tmp_path / "b", codec="zstd", progress=False)
     loaded = nzo.load(tmp_path / "b", max_gpu_mem=10**8, model_class="BertModel", progress=False)
     assert type(loaded) is tf.BertModel

@@ -38,6 +38,14 @@ def _pair(tied: bool = False, **dispatch_kw):
     return plain, opt, model
 
 
+def _step(plain, opt, model, b: torch.Tensor) -> None:
+    """One training step on ``b``: torch's loop on the plain copy, a backward on ours."""
+    plain(b, labels=b).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    model(b, labels=b).loss.backward()
+
+
 def _assert_same_weights(plain, model) -> None:
     nzo.undispatch(model)
     ref, got = plain.state_dict(), model.state_dict()
@@ -55,10 +63,7 @@ def test_gradient_checkpointing_trains_every_weight_as_torch_does(reentrant, tie
     model.gradient_checkpointing_enable(**kw)
     start = {k: v.clone() for k, v in plain.state_dict().items()}
     for b in _batches(3):
-        plain(b, labels=b).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        model(b, labels=b).loss.backward()
+        _step(plain, opt, model, b)
     moved = [k for k, v in plain.state_dict().items() if not torch.equal(v, start[k])]
     assert "model.layers.0.mlp.down_proj.weight" in moved  # the oracle itself trains the layers
     _assert_same_weights(plain, model)
@@ -72,10 +77,7 @@ def test_forwards_without_backward_change_nothing():
             _ = m(b, labels=b).loss  # validation without torch.no_grad(): the graph is dropped
         if i == 1:
             continue  # a bad batch skipped after its forward
-        plain(b, labels=b).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        model(b, labels=b).loss.backward()
+        _step(plain, opt, model, b)
     _assert_same_weights(plain, model)
 
 
@@ -86,10 +88,7 @@ def test_a_loss_kept_across_a_step_does_not_delay_updates():
     for b in _batches(3):
         for m in (plain, model):
             kept.append(m(b, labels=b).loss)  # kept, never backpropagated
-        plain(b, labels=b).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        model(b, labels=b).loss.backward()
+        _step(plain, opt, model, b)
     _assert_same_weights(plain, model)
 
 
@@ -121,10 +120,7 @@ def test_a_forward_that_raises_leaves_the_model_usable():
     with pytest.raises(IndexError):
         model(torch.tensor([[5, 2000]]))  # an id past the vocabulary, inside the forward
     for b in _batches(2):
-        plain(b, labels=b).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        model(b, labels=b).loss.backward()
+        _step(plain, opt, model, b)
     _assert_same_weights(plain, model)
 
 
