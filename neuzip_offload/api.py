@@ -77,6 +77,7 @@ def dispatch(
     calibration: Sequence[torch.Tensor] | None = None,
     max_cpu_mem: int | str | None = None,
     prefetch: int = 2,
+    speculate: bool = True,
     reserve: int | str | None = "auto",
     device: torch.device | str | None = None,
     codec: str | None = None,
@@ -104,6 +105,9 @@ def dispatch(
         is free. A one-GPU dict as accelerate takes ({1: "8GB"}) runs on that GPU; several GPUs
         are not supported yet.
     prefetch: blocks copied and decoded ahead of the running one.
+    speculate: mixture-of-experts models: while a MoE layer runs, the next layer's router
+        applied to its input guesses the experts the next layer needs, fetched ahead (a wrong
+        guess costs bandwidth, never a result).
     reserve: device bytes kept for activations and KV cache ("auto": estimated from the config).
     device: where the model runs (default: CUDA if present, else the CPU).
     checkpoint: a Hugging Face safetensors directory to fill a model built on the meta device,
@@ -140,6 +144,7 @@ def dispatch(
         codec=codec,
         target_bits=target_bits,
         prefetch=prefetch,
+        speculate=speculate,
         reserve=reserve,
         device=device,
         pcie_gbps=pcie_gbps,
@@ -195,6 +200,7 @@ def plan_model(
     bits_per_weight: float | None = None,
     max_cpu_mem: int | str | None = None,
     prefetch: int = 2,
+    speculate: bool = True,
     reserve: int | str | None = "auto",
     device: torch.device | str = "cuda",
     pcie_gbps: float = 25.0,
@@ -219,6 +225,7 @@ def plan_model(
         mantissa_bits=mantissa_bits,
         block_size=block_size,
         prefetch=prefetch,
+        speculate=speculate,
         reserve=reserve,
         device=device,
         pcie_gbps=pcie_gbps,
@@ -252,6 +259,7 @@ def load(
     adapter: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
     prefetch: int = 2,
+    speculate: bool = True,
     reserve: int | str | None = "auto",
     pcie_gbps: float = 25.0,
     disk_gbps: float = 3.0,
@@ -276,6 +284,7 @@ def load(
         max_gpu_mem,
         max_cpu_mem=max_cpu_mem,
         prefetch=prefetch,
+        speculate=speculate,
         reserve=reserve,
         device=device,
         pcie_gbps=pcie_gbps,
@@ -364,7 +373,7 @@ def _assemble(
     trainer = None
     if train is not None:
         # the compressed weights' parameters are about to leave the model: the rest are plain
-        compressed_params = {id(m.weight) for w in weights for _, m in w.users}
+        compressed_params = {id(getattr(m, w.attr)) for w in weights for _, m in w.users}
         plain = [
             (n, p)
             for n, p in model.named_parameters()

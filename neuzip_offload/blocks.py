@@ -49,7 +49,8 @@ class Group:
 
     name: str
     members: tuple[Member, ...]
-    uses: int
+    uses: float
+    routed: str | None = None  # an expert's block: its experts module (entered when routed)
 
 
 def groups(weights: list[Weight]) -> list[Group]:
@@ -58,7 +59,23 @@ def groups(weights: list[Weight]) -> list[Group]:
     out: list[Group] = []
     seen: set[str] = set()
     for w in weights:
-        if w.root is None:
+        if w.kind.per_index:  # expert e of every fused tensor of one experts module
+            owner = w.users[0][0]
+            if owner in seen:
+                continue
+            seen.add(owner)
+            fused = [v for v in weights if v.kind.per_index and v.users[0][0] == owner]
+            top_k, n = w.routing
+            out.extend(
+                Group(
+                    f"{owner}[{e}]",
+                    tuple(Member(v.pieces[e][0], v.piece_numel(e, e + 1), v.dtype) for v in fused),
+                    top_k / n,  # expected uses per token: top_k of n, routed uniformly
+                    routed=owner,
+                )
+                for e in range(n)
+            )
+        elif w.root is None:
             out.extend(
                 Group(key, (Member(key, w.piece_numel(a, b), w.dtype),), len(w.users))
                 for key, a, b in w.pieces
@@ -71,7 +88,11 @@ def groups(weights: list[Weight]) -> list[Group]:
                 if v.root == w.root
                 for key, a, b in v.pieces
             )
-            out.append(Group(w.root, members, 1))
+            if w.routed is None:
+                out.append(Group(w.root, members, 1))
+            else:  # an expert of a ModuleList: used when routed, top_k of n per token
+                top_k, n = w.routing
+                out.append(Group(w.root, members, top_k / n, routed=w.routed))
     return out
 
 
@@ -139,6 +160,7 @@ def _estimated(g: Group, device: torch.device, bits: float, on_disk: bool) -> Bl
         g.uses,
         on_disk=on_disk,
         setup_bytes=int(largest * bits / 8) + HEADER_BYTES_ESTIMATE,
+        routed=g.routed,
     )
 
 
@@ -166,4 +188,5 @@ def _measured(
         # blocks are copied: the plan counts it only then); a block never encoded arrives
         # decoded: nothing visits beside it
         setup_bytes=max((ct.nbytes for ct in cts), default=0) if encoded else 0,
+        routed=g.routed,
     )

@@ -25,6 +25,7 @@ from .compressed import CompressedTensor
 from .config import CodecConfig
 from .encode import reencode
 from .model_analysis import Weight
+from .modules import CompressedLinear, CompressedModule
 from .scheduler.executor import Executor
 from .scheduler.plan import DEVICE, Plan
 from .storage import PlaneLocation, pread_into
@@ -172,10 +173,13 @@ class Dispatched:
         finally:
             self._leave_out = False
 
-    def decoded(self, keys: Sequence[str], split_dim: int = 0) -> torch.Tensor | None:
-        """A weight's current values on the host, decoded from its pieces ``keys`` (joined along
-        ``split_dim``): what ``state_dict()`` of the model returns for a compressed weight. One
-        weight at a time: the model is never decoded whole."""
+    def decoded(
+        self, keys: Sequence[str], kind: type[CompressedModule] = CompressedLinear
+    ) -> torch.Tensor | None:
+        """A weight's current values on the host, decoded from its pieces ``keys`` (joined by
+        ``kind.join``: along its split dimension, or stacked experts): what ``state_dict()`` of
+        the model returns for a compressed weight. One weight at a time: the model is never
+        decoded whole."""
         if self._leave_out:
             return None
         ident = tuple(keys)
@@ -189,7 +193,7 @@ class Dispatched:
                 parts.append(ex.weight(key).detach().to("cpu", copy=True))
             else:
                 parts.append(decompress(self.compressed_tensor(key), pool=self.pool).cpu())
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=split_dim)
+        out = kind.join(parts)
         self._decoded[ident] = out
         return out
 
@@ -226,6 +230,12 @@ class Dispatched:
             "misses": s.misses,
             "peak_held_bytes": s.peak_held_bytes,
             "device_budget_bytes": self.plan.options.device_bytes,
+            # mixture-of-experts models: experts used, found decoded, fetched; the guesses
+            "experts": (
+                self.executor.experts.stats.report(s.forwards)
+                if any(b.routed for b in self.plan.blocks)
+                else None
+            ),
         }
 
     @property
@@ -258,5 +268,5 @@ class Dispatched:
                         piece = piece.to(dev)
                     piece = decompress(piece, pool=self.pool)
                 parts.append(piece.to(home))
-            out[w.key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=w.kind.split_dim)
+            out[w.key] = w.kind.join(parts)
         return out

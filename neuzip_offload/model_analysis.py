@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import pieces as piece_rule
-from .modules import CompressedModule, kind_of
+from .modules import CompressedModule, expert_params, kind_of, routing_of
 from .options import GRANULARITIES, DispatchError
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -36,6 +36,12 @@ class Weight:
     users: list[tuple[str, nn.Module]]  # (qualified module name, module) that use it
     kind: type[CompressedModule]
     root: str | None = None  # the block holding it, if any
+    attr: str = "weight"  # its parameter's name in its modules (fused experts: gate_up_proj ...)
+    # an expert's weight: (experts chosen per token, experts) of its MoE layer, and the layer's
+    # experts module. Fused 3-D tensors: one piece and block per expert, no root; a ModuleList of
+    # experts (older models): its expert module is the root of the weight's block
+    routing: tuple[int, int] | None = None
+    routed: str | None = None
     pieces: list[tuple[str, int, int]] = field(default_factory=list)  # (key, start, stop)
     shape: torch.Size = field(init=False)
     dtype: torch.dtype = field(init=False)
@@ -54,7 +60,7 @@ class Weight:
     @property
     def names(self) -> list[str]:
         """Every parameter name under which the weight appears (tied: several)."""
-        return [f"{qn}.weight" if qn else "weight" for qn, _ in self.users]
+        return [f"{qn}.{self.attr}" if qn else self.attr for qn, _ in self.users]
 
     def piece_numel(self, start: int, stop: int) -> int:
         """Weights in the piece [start, stop) along the split dimension."""
@@ -62,9 +68,9 @@ class Weight:
 
     def piece_of(self, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """The piece [start, stop) of ``t`` (this weight's values), a view."""
-        if len(self.pieces) == 1:
+        if len(self.pieces) == 1 and not self.kind.per_index:
             return t
-        return t.narrow(self.kind.split_dim, start, stop - start)
+        return self.kind.piece(t, start, stop)
 
 
 def check_model(model: object, allow_meta: bool = False) -> nn.Module:
@@ -110,6 +116,24 @@ def layer_roots(model: nn.Module) -> list[str]:
     return [f"{best}.{i}" if best else str(i) for i in range(len(model.get_submodule(best)))]
 
 
+def expert_lists(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """The experts of older mixture-of-experts models, a ModuleList named ``experts`` of
+    modules with Linear weights whose MoE layer (its parent) routes ``top_k`` of them per token:
+    list name → (top_k, experts). The fused 3-D layout (transformers 5) is CompressedExperts'."""
+    found = {}
+    default = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
+    for qn, m in model.named_modules():
+        if not (isinstance(m, nn.ModuleList) and qn.rpartition(".")[2] == "experts"):
+            continue
+        parent = model.get_submodule(qn.rpartition(".")[0])
+        top_k = getattr(parent, "top_k", None) or getattr(parent, "num_experts_per_tok", None)
+        top_k = top_k if isinstance(top_k, int) else default
+        held = all(any(kind_of(x) is not None for x in e.modules()) for e in m)
+        if isinstance(top_k, int) and 0 < top_k <= len(m) > 1 and held:
+            found[qn] = (top_k, len(m))
+    return found
+
+
 def block_roots(model: nn.Module, granularity: str) -> list[str]:
     """Roots of the blocks inside the layers: whole layers, their direct children that hold
     weights (attention, MLP), or every compressed module on its own."""
@@ -140,6 +164,15 @@ def find_weights(model: nn.Module, frozen_only: bool = False) -> list[Weight]:
     found: dict[int, Weight] = {}
     for qn, m in model.named_modules():
         kind = kind_of(m)
+        if kind is not None and kind.per_index:  # fused expert tensors, one piece per expert
+            for attr in expert_params(m):
+                p = getattr(m, attr)
+                if not (frozen_only and p.requires_grad):
+                    key = f"{qn}.{attr}" if qn else attr
+                    found[id(p)] = Weight(
+                        key, p, [(qn, m)], kind, attr=attr, routing=routing_of(m), routed=qn
+                    )
+            continue
         w = getattr(m, "weight", None)
         if kind is None or not isinstance(w, torch.Tensor) or w.dim() != 2:
             continue
@@ -165,6 +198,9 @@ def cut_pieces(weights: list[Weight], limit: int, trainable: bool = False) -> No
     by piece, in another order than one matrix product sums it (not bit-identical)."""
     for w in weights:
         length = w.shape[w.kind.split_dim]
+        if w.kind.per_index:  # an expert per piece, whatever the limit
+            w.pieces = [(f"{w.key}[{e}]", e, e + 1) for e in range(length)]
+            continue
         split_dims = {kind_of(m).split_dim for _, m in w.users}
         whole = trainable and any(not isinstance(m, nn.Embedding) for _, m in w.users)
         cuts = piece_rule.cut(length, w.nbytes, limit)
@@ -213,9 +249,19 @@ def analyze(
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     roots = block_roots(model, granularity)
+    lists = expert_lists(model)
+    experts = [f"{qn}.{i}" for qn, (_, n) in lists.items() for i in range(n)]
     for w in weights:
         owner = w.users[0][0]
-        w.root = next((r for r in roots if inside(owner, r)), None)
+        # experts are blocks of their own, outside the layer blocks (fetched when routed)
+        if w.routing is not None:
+            w.root = None
+        elif (e := next((r for r in experts if inside(owner, r)), None)) is not None:
+            w.root, w.routed = e, e.rpartition(".")[0]
+            w.routing = lists[w.routed]
+        else:
+            w.root = next((r for r in roots if inside(owner, r)), None)
+    roots = roots + [e for e in experts if any(w.root == e for w in weights)]
     sizes = {r: 0 for r in roots} | layer_bytes(weights)
     limit = max_block_bytes if max_block_bytes is not None else max(sizes.values(), default=0)
     cut_pieces(weights, limit, trainable)
@@ -287,8 +333,8 @@ PLAIN_SHARE_WARNED = 0.10  # plain parameters above this share of the model are 
 
 def warn_plain_share(model: nn.Module, weights: list[Weight]) -> None:
     """Warn when a large share of the model stays uncompressed and resident (parameters of
-    modules that are not Linear, Embedding or Conv1D, such as fused 3-D expert tensors of
-    mixture-of-experts models): the budget must hold them whole, and nothing says so otherwise."""
+    modules that are not Linear, Embedding, Conv1D or Mixtral-style experts): the budget must
+    hold them whole, and nothing says so otherwise."""
     covered = {id(w.param) for w in weights}
     total, plain, owners = 0, 0, collections.Counter()
     for m in model.modules():
@@ -302,8 +348,8 @@ def warn_plain_share(model: nn.Module, weights: list[Weight]) -> None:
         warnings.warn(
             f"{plain / total:.0%} of the model's parameters stay uncompressed and resident on "
             f"the device: they belong to modules whose weights are not compressed ({top}); "
-            "only Linear, Embedding and Conv1D weights are (mixture-of-experts tensors are not "
-            "supported yet)",
+            "only Linear, Embedding and Conv1D weights and the fused experts of Mixtral-style "
+            "mixture-of-experts modules are",
             stacklevel=4,
         )
 

@@ -117,6 +117,7 @@ class DispatchOptions:
     granularity: str = "auto"
     progress: bool = True
     log_events: bool = True
+    speculate: bool = True  # experts guessed for the next MoE layer are fetched ahead
 
     @classmethod
     def build(
@@ -140,6 +141,7 @@ class DispatchOptions:
         progress: bool = True,
         log_events: bool = True,
         target_only: bool = False,
+        speculate: bool = True,
     ) -> DispatchOptions:
         """Validate the user's arguments. ``target_only``: ``device`` only names the target of a
         plan (plan_model), so it need not be present; it defaults to CUDA then.
@@ -147,6 +149,8 @@ class DispatchOptions:
         max_gpu_mem, device = _one_gpu(max_gpu_mem, device)
         if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
             raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
+        if not isinstance(speculate, bool):
+            raise ValueError(f"speculate must be True or False, got {speculate!r}")
         if target_bits is not None:
             if mode != "lossy":
                 raise ValueError("target_bits chooses lossy mantissa widths: pass mode='lossy'")
@@ -187,6 +191,7 @@ class DispatchOptions:
             device_bytes=device_budget(max_gpu_mem, dev),
             host_bytes=host,
             prefetch=prefetch,
+            speculate=speculate,
             reserve=reserve,
             pcie_gbps=pcie,
             disk_gbps=disk,

@@ -97,6 +97,7 @@ def plan_options(
         reserve_bytes=reserve_bytes(opts, model),
         resident_bytes=resident_bytes(model, weights),
         prefetch=opts.prefetch,
+        speculate=opts.speculate,
         copies=dev.type == "cuda",
         pcie_gbps=opts.pcie_gbps,
         decode_gbps=rate.gbps,

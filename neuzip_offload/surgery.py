@@ -12,6 +12,7 @@ back (decoded, as parameters), swapped back in, the moved tensors returned to th
 
 from __future__ import annotations
 
+import itertools
 import sys
 import weakref
 from collections.abc import Callable, Mapping
@@ -24,7 +25,15 @@ from torch.utils.hooks import RemovableHandle
 from .codec import decompress
 from .compressed import CompressedTensor
 from .model_analysis import Weight, inside
-from .modules import CompressedModule, Piece, Trainer, kind_of, refuse_conversion, refuse_copy
+from .modules import (
+    CompressedExperts,
+    CompressedModule,
+    Piece,
+    Trainer,
+    kind_of,
+    refuse_conversion,
+    refuse_copy,
+)
 from .scheduler.executor import Executor
 
 
@@ -52,7 +61,7 @@ class Attachment:
         for w in self.weights:
             param = nn.Parameter(decoded[w.key], requires_grad=w.requires_grad)
             for _, m in w.users:
-                m.weight = param
+                setattr(m, w.attr, param)
         for parent, attr, original, _ in self.swaps:
             setattr(parent, attr, original)
         for t, device in self.moved:
@@ -116,20 +125,59 @@ def _swap_modules(
     trainer: Trainer | None,
     done: Attachment,
 ) -> None:
+    experts: dict[str, list[Weight]] = {}
     for w in weights:
         pieces = [Piece(key, a, b, executor.block_index(key)) for key, a, b in w.pieces]
+        if w.kind.per_index:  # the fused tensors of one experts module: one twin for all
+            experts.setdefault(w.users[0][0], []).append(w)
+            continue
         trains = trainer if w.requires_grad else None
         for qn, m in w.users:
             parent, attr = _module_at(model, qn)
             new = kind_of(m)(m, pieces, executor, w.shape, w.dtype, trains)
             setattr(parent, attr, new)
             done.swaps.append((parent, attr, m, new))
+    chain = []
+    for qn, fused in experts.items():
+        if trainer is not None and any(w.requires_grad for w in fused):
+            raise NotImplementedError(
+                f"{qn}: training mixture-of-experts weights is not supported yet; freeze them "
+                "(requires_grad_(False)) to train the rest of the model"
+            )
+        parent, attr = _module_at(model, qn)
+        m = model.get_submodule(qn)
+        pieces = {
+            w.attr: [Piece(key, a, b, executor.block_index(key)) for key, a, b in w.pieces]
+            for w in fused
+        }
+        new = CompressedExperts(
+            m, pieces, executor, {w.attr: w.shape for w in fused}, fused[0].dtype
+        )
+        object.__setattr__(new, "router", _router_of(parent, m))
+        setattr(parent, attr, new)
+        done.swaps.append((parent, attr, m, new))
+        chain.append(new)
+    for layer, following in itertools.pairwise(chain):
+        object.__setattr__(layer, "next_layer", following)  # for the speculative prefetch
     # the originals let go of their weights (the compressed copies are the truth now)
     for w in weights:
         for _, m in w.users:
-            if isinstance(getattr(m, "weight", None), nn.Parameter):
-                del m.weight
-                m.register_parameter("weight", None)
+            if isinstance(getattr(m, w.attr, None), nn.Parameter):
+                delattr(m, w.attr)
+                m.register_parameter(w.attr, None)
+
+
+def _router_of(moe: nn.Module, experts: nn.Module) -> nn.Module | None:
+    """The router beside an experts module: a sibling whose plain weight is [experts, hidden]
+    (transformers' TopKRouter), which the speculative prefetch applies; None if there is none."""
+    n = experts.num_experts
+    for child in moe.children():
+        w = getattr(child, "weight", None)
+        if child is experts or isinstance(child, CompressedModule):
+            continue
+        if isinstance(w, nn.Parameter) and w.dim() == 2 and w.shape[0] == n:
+            return child
+    return None
 
 
 def _move_resident(model: nn.Module, dev: torch.device, done: Attachment) -> None:
@@ -168,8 +216,8 @@ def _hook(
         if keys:
             add(model.get_submodule(r), executor.block_index(keys[0]))
     for w in weights:
-        if len(w.pieces) > 1:
-            continue  # multi-piece weights enter their pieces themselves
+        if len(w.pieces) > 1 or w.kind.per_index:
+            continue  # multi-piece weights and experts enter their pieces themselves
         b = executor.block_index(w.pieces[0][0])
         for qn, _ in w.users:
             if w.root is None or not inside(qn, w.root):
@@ -201,7 +249,7 @@ def release_device_originals(
     released = []
     for w in weights:
         for _, m in w.users:
-            p = getattr(m, "weight", None)
+            p = getattr(m, w.attr, None)
             if isinstance(p, torch.Tensor) and p.device.type == "cuda" and p.numel():
                 released.append((p, w))
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
@@ -209,7 +257,7 @@ def release_device_originals(
     def restore() -> None:
         for p, w in released:
             parts = [decompress(compressed[key]) for key, _, _ in w.pieces]
-            full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=w.kind.split_dim)
+            full = w.kind.join(parts)
             p.data = full.reshape(w.shape).to(p.device)
 
     return restore

@@ -36,6 +36,7 @@ from neuzip_offload.compressed import CompressedTensor
 
 from .accounting import Accountant, BudgetExceededError
 from .decoder import Decoder
+from .experts import Experts
 from .layout import bind
 from .order import OrderTracker
 from .plan import DEVICE, DISK, HOST, Plan
@@ -52,6 +53,8 @@ class _Slot:
 
     buf: torch.Tensor
     block: int | None = None
+    group: str | None = None  # an expert pool's slot: the experts module it serves
+    last_use: int = 0  # when its block was last entered or exited (LRU among experts)
     in_use: int = 0
     ready: object | None = None  # decode stream: the block's weights are in the buffer
     free: object | None = None  # compute stream: the last block to use it is done
@@ -129,6 +132,15 @@ class Executor:
         self.accountant.hold("uncompressed parameters", o.resident_bytes)
         alloc = self.accountant.allocate
         self._slots = [_Slot(alloc("slots", plan.slot_bytes, device)) for _ in range(plan.n_slots)]
+        # experts: a pool of decoded slots per experts module (LRU inside it); without a pool
+        # (a plan that keeps them all resident) routed blocks share the regular slots
+        self.experts = Experts(plan)
+        for g in self.experts.groups(plan):
+            self._slots += [
+                _Slot(alloc("expert slots", plan.expert_slot_bytes, device), group=g)
+                for _ in range(plan.expert_slots)
+            ]
+        self._uses = 0  # a clock for the LRU
         self._staging = [
             _Staging(alloc("staging", plan.staging_bytes, device))
             for _ in range(plan.n_staging if self.copies else 0)
@@ -143,7 +155,8 @@ class Executor:
         if self.copies:
             self.streams.compute().synchronize()  # the setup copies are done
         self.decoder.check_damage()  # resident blocks decoded at setup
-        self.tracker = OrderTracker(len(self.store.blocks))
+        routed = {b for b, r in enumerate(self.experts.routed) if r}
+        self.tracker = OrderTracker(len(self.store.blocks), routed)
         self._entered: dict[int, int] = {}
         self._slot_of: dict[int, int] = {}
         self._in_backward = False
@@ -327,19 +340,27 @@ class Executor:
         embedding lookup, which neither advances nor joins the recorded order)."""
         blk = self.store.blocks[b]
         self.streams.entered(blk.name)  # checking mode: host syncs from here count for blk
-        if predictable:
+        if predictable and not self.experts.routed[b]:  # an expert's use depends on its router
             self.tracker.advance(b)
         held = self._entered.get(b, 0)
         self._entered[b] = held + 1
+        routed = self.experts.routed[b]
+        if routed and held == 0:
+            self.experts.used(b, blk.tier == DEVICE or b in self._slot_of)
         if blk.tier != DEVICE and held == 0:
             s = self._slot_of.get(b)
             if s is None:
                 self.stats.misses += 1
                 self._note("miss", blk.name)
-                s = self._claim_slot(protect=self.tracker.window(self.prefetch))
+                protect = self.tracker.window(self.prefetch)
+                s = self._claim_slot(protect, group=self.experts.pool[b])
                 self._fetch(b, s)
+                if routed:
+                    self.experts.fetched(blk.decoded_bytes)
             slot = self._slots[s]
             slot.in_use += 1
+            self._uses += 1
+            slot.last_use = self._uses
             if self.streams.ordered:
                 self.streams.compute().wait_event(slot.ready)
         self._note("enter", blk.name, self.accountant.total)
@@ -353,6 +374,8 @@ class Executor:
             if blk.tier != DEVICE:
                 slot = self._slots[self._slot_of[b]]
                 slot.in_use -= 1
+                self._uses += 1
+                slot.last_use = self._uses
                 if slot.in_use == 0 and self.streams.ordered:
                     slot.free = self.streams.event("slot.free")
                     slot.free.record(self.streams.compute())
@@ -378,7 +401,7 @@ class Executor:
                 continue
             if blk.tier == DISK and not self.reader.ready(b):
                 continue  # not read yet: its copy and decode wait for a later step
-            s = self._claim_slot(protect=window, required=False)
+            s = self._claim_slot(window, required=False, group=self.experts.pool[b])
             if s is None:
                 break
             self._fetch(b, s)
@@ -391,20 +414,55 @@ class Executor:
                 if not self._start_read(b):
                     break
 
-    def _claim_slot(self, protect: list[int], required: bool = True) -> int | None:
-        """A slot whose block is not running nor about to run (its 'free' event guards reuse)."""
-        keep = set(protect) | set(self._entered)
-        free = [i for i, s in enumerate(self._slots) if s.in_use == 0 and s.block not in keep]
+    @property
+    def speculating(self) -> bool:
+        """Whether experts are guessed and fetched ahead (the plan's ``speculate``)."""
+        return self.plan.options.speculate
+
+    def speculate(self, blocks: list[int]) -> None:
+        """Fetch these expert blocks ahead (guessed for the next MoE layer), into free or least
+        recently used slots of their pool, never evicting a running block or another guess."""
+        if not blocks:
+            return
+        xp = self.experts
+        xp.new_guess(xp.pool[blocks[0]])
+        for b in blocks:
+            xp.stats.guessed += 1
+            blk = self.store.blocks[b]
+            if blk.tier == DEVICE or b in self._slot_of:
+                xp.add_guess(b, False, 0)
+                continue
+            if blk.tier == DISK:
+                continue  # the disk reader serves the recorded order; a guess does not wait
+            s = self._claim_slot([], required=False, group=xp.pool[b])
+            if s is None:
+                break
+            self._fetch(b, s)
+            xp.add_guess(b, True, blk.decoded_bytes)
+            self._note("guess", blk.name)
+
+    def _claim_slot(
+        self, protect: list[int], required: bool = True, group: str | None = None
+    ) -> int | None:
+        """A slot of the pool ``group`` (the regular slots: None) whose block is not running
+        nor about to run (its 'free' event guards reuse). In an expert pool: an empty slot,
+        else the least recently used one, sparing experts guessed for the next layer."""
+        keep = set(protect) | set(self._entered) | self.experts.guessed(group)
+        pool = [i for i, s in enumerate(self._slots) if s.group == group and s.in_use == 0]
+        free = [i for i in pool if self._slots[i].block not in keep]
         if not free:
-            free = [i for i, s in enumerate(self._slots) if s.in_use == 0] if required else []
+            free = pool if required else []
         if not free:
             if required:
                 raise RuntimeError("no free slot: more blocks are running at once than slots")
             return None
+        if group is not None:
+            free.sort(key=lambda i: self._slots[i].last_use)
         s = next((i for i in free if self._slots[i].block is None), free[0])
         old = self._slots[s].block
         if old is not None:
             del self._slot_of[old]
+            self.experts.evicted(old)
         return s
 
     def _start_read(self, b: int) -> bool:

@@ -15,8 +15,9 @@ PHASES = ("forward", "backward")
 class OrderTracker:
     """Orders recorded per phase, the phase running now and the cursor into its order."""
 
-    def __init__(self, n_blocks: int):
-        self.static_order = list(range(n_blocks))
+    def __init__(self, n_blocks: int, routed: set[int] | frozenset[int] = frozenset()):
+        # module order, without the experts of MoE layers: they run only when routed
+        self.static_order = [b for b in range(n_blocks) if b not in routed]
         self.orders: dict[str, list[int] | None] = dict.fromkeys(PHASES)
         self.phase = "forward"
         self._recording: list[int] | None = None

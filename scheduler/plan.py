@@ -50,12 +50,13 @@ class BlockSpec:
     decoded_bytes: int  # bytes it takes in a slot (or resident), entries aligned
     compressed_bytes: int  # planes and headers, as packed for one copy
     workspace_bytes: int = 0  # scratch its decode needs on the device
-    uses: int = 1  # uses per forward (a tied embedding / lm_head: 2)
+    uses: float = 1  # uses per forward (a tied embedding / lm_head: 2)
     stored_bytes: int | None = None  # the format's size (no alignment padding); for reports
     on_disk: bool = False  # its bytes are in a file it can be read from (a disk tier is possible)
     # device bytes its setup holds for a moment if it is made resident decoded: the compressed
     # planes of its largest tensor while they decode (only where blocks are copied to a device)
     setup_bytes: int = 0
+    routed: str | None = None  # an expert's block: its group (experts module); see experts
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class PlanOptions:
     # device bytes for transient work beside the slots while the model runs (training's
     # re-encoding of an updated weight): held apart from the reserve, which activations use then
     scratch_bytes: int = 0
+    speculate: bool = True
 
     @property
     def disk_staging_count(self) -> int:
@@ -115,6 +117,9 @@ class Plan:
     n_disk_staging: int = 0
     disk_staging_bytes: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
+    expert_slots: int = 0
+    expert_slot_bytes: int = 0
+    expert_cache: str = ""
 
     # -- totals ------------------------------------------------------------------------------
     def _sum(self, what: str, tiers: tuple[str, ...]) -> int:
