@@ -36,7 +36,7 @@ from neuzip_offload.compressed import CompressedTensor
 
 from .accounting import Accountant, BudgetExceededError
 from .decoder import Decoder
-from .experts import Experts
+from .experts import SHARED, Experts
 from .layout import bind
 from .order import OrderTracker
 from .plan import DEVICE, DISK, HOST, Plan
@@ -132,13 +132,13 @@ class Executor:
         self.accountant.hold("uncompressed parameters", o.resident_bytes)
         alloc = self.accountant.allocate
         self._slots = [_Slot(alloc("slots", plan.slot_bytes, device)) for _ in range(plan.n_slots)]
-        # experts: a pool of decoded slots per experts module (LRU inside it); without a pool
-        # (a plan that keeps them all resident) routed blocks share the regular slots
+        # experts: a pool of decoded slots per experts module and working slots all share
+        # (LRU over both); none when the plan keeps every expert resident decoded
         self.experts = Experts(plan)
-        for g in self.experts.groups(plan):
+        for g, n in self.experts.pools(plan):
             self._slots += [
                 _Slot(alloc("expert slots", plan.expert_slot_bytes, device), group=g)
-                for _ in range(plan.expert_slots)
+                for _ in range(n)
             ]
         self._uses = 0  # a clock for the LRU
         self._staging = [
@@ -425,7 +425,7 @@ class Executor:
         if not blocks:
             return
         xp = self.experts
-        xp.new_guess(xp.pool[blocks[0]])
+        xp.new_guess()
         for b in blocks:
             xp.stats.guessed += 1
             blk = self.store.blocks[b]
@@ -444,11 +444,13 @@ class Executor:
     def _claim_slot(
         self, protect: list[int], required: bool = True, group: str | None = None
     ) -> int | None:
-        """A slot of the pool ``group`` (the regular slots: None) whose block is not running
-        nor about to run (its 'free' event guards reuse). In an expert pool: an empty slot,
-        else the least recently used one, sparing experts guessed for the next layer."""
-        keep = set(protect) | set(self._entered) | self.experts.guessed(group)
-        pool = [i for i, s in enumerate(self._slots) if s.group == group and s.in_use == 0]
+        """A slot of the pool ``group`` (the regular slots: None; an experts module: its pool
+        and the shared working slots) whose block is not running nor about to run (its 'free'
+        event guards reuse). For an expert: an empty slot, else the least recently used one,
+        sparing the experts guessed for the next layer."""
+        keep = set(protect) | set(self._entered) | self.experts.guessed()
+        mine = {group, SHARED} if group is not None else {None}
+        pool = [i for i, s in enumerate(self._slots) if s.group in mine and s.in_use == 0]
         free = [i for i in pool if self._slots[i].block not in keep]
         if not free:
             free = pool if required else []

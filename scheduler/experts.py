@@ -3,7 +3,8 @@ routed, the guesses for the next layer, and the counters behind ``stats["experts
 
 An expert block is entered only when its layer's router picks it (data-dependent: it never
 joins the recorded order). The executor keeps a pool of decoded slots per experts module (the
-plan's ``expert_slots``), evicting the least recently used; this file is its bookkeeping. A guess
+plan's ``expert_slots``) and a few working slots all MoE layers share (``expert_shared_slots``),
+evicting the least recently used of the two; this file is its bookkeeping. A guess
 (``speculate``) fetches the experts the next layer will probably need into that layer's pool; a
 guess is *right* when the expert is then routed, and a *miss avoided* when it was fetched by the
 guess and found in its slot at its use.
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .plan import Plan
+from .plan import DEVICE, Plan
+
+SHARED = "*"  # the working slots every MoE layer may use beside its own pool
 
 
 @dataclass
@@ -52,31 +55,41 @@ class ExpertStats:
 
 
 class Experts:
-    """Per block: its experts module (None: not an expert) and its slot pool (None: the regular
-    slots, when the plan gives experts no pool of their own). Per pool: the guessed blocks not
-    used yet, which eviction spares."""
+    """Per block: its experts module, which names its pool (None: not an expert). The live
+    guess: the blocks guessed for the next MoE layer and not used yet, which eviction spares;
+    one guess lives at a time (a new one drops the last one's leftovers)."""
 
     def __init__(self, plan: Plan):
         self.routed = [b.routed is not None for b in plan.blocks]
-        self.pool = [b.routed if plan.expert_slots else None for b in plan.blocks]
+        self.pool = [b.routed for b in plan.blocks]
         self.stats = ExpertStats()
-        self._guesses: dict[str | None, set[int]] = {}
+        self._guess: set[int] = set()
         self._ahead: set[int] = set()  # fetched by a guess, not used yet
 
-    def groups(self, plan: Plan) -> list[str]:
-        """The pools to allocate: experts modules with a block off the device."""
-        streamed = (b.routed for b, t in zip(plan.blocks, plan.tiers, strict=True) if t != "device")
-        return [g for g in dict.fromkeys(streamed) if g is not None] if plan.expert_slots else []
+    @staticmethod
+    def pools(plan: Plan) -> list[tuple[str, int]]:
+        """The pools to allocate, (name, slots): each MoE layer's, then the shared working
+        slots; none when every expert is resident decoded."""
+        streamed = [b.routed for b, t in zip(plan.blocks, plan.tiers, strict=True) if t != DEVICE]
+        groups = [g for g in dict.fromkeys(streamed) if g is not None]
+        if not groups:
+            return []
+        sizes = {g: 0 for g in groups}
+        for b in plan.blocks:
+            if b.routed in sizes:
+                sizes[b.routed] += 1
+        own = [(g, min(plan.expert_slots, sizes[g])) for g in groups if plan.expert_slots]
+        return [*own, (SHARED, plan.expert_shared_slots)]
 
-    def guessed(self, pool: str | None) -> set[int]:
-        return self._guesses.get(pool, set())
+    def guessed(self) -> set[int]:
+        return self._guess
 
-    def new_guess(self, pool: str | None) -> None:
-        """A new guess for ``pool``'s layer: the earlier one's unused blocks are not spared."""
-        self._guesses[pool] = set()
+    def new_guess(self) -> None:
+        """A new guess for the next layer: the last one's unused blocks are no longer spared."""
+        self._guess = set()
 
     def add_guess(self, b: int, fetched: bool, decoded_bytes: int) -> None:
-        self._guesses.setdefault(self.pool[b], set()).add(b)
+        self._guess.add(b)
         if fetched:
             self._ahead.add(b)
             self.stats.prefetched += 1
@@ -86,10 +99,9 @@ class Experts:
         """Block ``b`` is entered (``cached``: decoded already, in a slot or resident)."""
         s = self.stats
         s.uses += 1
-        guessed = self._guesses.get(self.pool[b], set())
-        if b in guessed:
+        if b in self._guess:
             s.guessed_right += 1
-            guessed.discard(b)
+            self._guess.discard(b)
         if cached:
             s.hits += 1
             s.misses_avoided += b in self._ahead

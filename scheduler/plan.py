@@ -1,36 +1,35 @@
 """The planner: a pure function from block sizes and budgets to a frozen, printable Plan.
 
-Tiers, best first::
-
-    device             decoded and resident on the device: no copy, no decode
-    device-compressed  compressed and resident on the device: decoded into a slot on each use
-    host               compressed in (pinned) host memory: copied to a staging buffer and decoded
-    disk               compressed in its checkpoint file: read ahead into pinned host staging
-                       by a background reader, then as host (only when the host budget is full)
+Each block goes to one of the tiers of tiers.py (device, device-compressed, host, disk).
 
 Everything the runtime allocates on the device counts against ``device_bytes``: uncompressed
 parameters (norms, biases, buffers), resident blocks, ``prefetch + 1`` slots for decoded blocks,
-staging buffers for compressed blocks in flight, one decode workspace, and a reserve for
-activations and KV cache.
+the expert pools, staging buffers for compressed blocks in flight, one decode workspace, and a
+reserve for activations and KV cache.
 
 Assignment is greedy on a cost model of time per forward: moving a block host → device-compressed
 saves its copy (compressed bytes at ``pcie_gbps``); host → device also saves its decode (decoded
 bytes at ``decode_gbps``). Moves are taken best gain per byte first while they fit. Without copies
 (the CPU backend, where host and device are one memory) only decoded residency pays.
+
+Mixture-of-experts: a routed block (one expert; ``BlockSpec.routed`` names its MoE layer) is
+entered only when the router picks it, from a pool of ``expert_slots`` decoded slots its layer
+keeps; the regular slots serve the other blocks. Its per-forward costs are expectations under
+uniform routing, and "per forward" means per token of a decode step for such a plan. The greedy
+above places the regular blocks; what they leave goes to the expert cache (experts_plan.py has
+the model and the choice).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from neuzip_offload.budget import format_size
 
-DEVICE = "device"
-DEVICE_COMPRESSED = "device-compressed"
-HOST = "host"
-DISK = "disk"
-TIERS = (DEVICE, DEVICE_COMPRESSED, HOST, DISK)
+from . import experts_plan as experts
+from .tiers import DEVICE, DEVICE_COMPRESSED, DISK, HOST, TIERS
 
 
 class PlanError(ValueError):
@@ -50,13 +49,15 @@ class BlockSpec:
     decoded_bytes: int  # bytes it takes in a slot (or resident), entries aligned
     compressed_bytes: int  # planes and headers, as packed for one copy
     workspace_bytes: int = 0  # scratch its decode needs on the device
-    uses: float = 1  # uses per forward (a tied embedding / lm_head: 2)
+    # expected uses per forward (a tied embedding / lm_head: 2; an expert routed top_k of E: k/E)
+    uses: float = 1
     stored_bytes: int | None = None  # the format's size (no alignment padding); for reports
     on_disk: bool = False  # its bytes are in a file it can be read from (a disk tier is possible)
     # device bytes its setup holds for a moment if it is made resident decoded: the compressed
     # planes of its largest tensor while they decode (only where blocks are copied to a device)
     setup_bytes: int = 0
-    routed: str | None = None  # an expert's block: its group (experts module); see experts
+    # the MoE layer (its experts module) this block is one expert of; None: not routed
+    routed: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class PlanOptions:
     # device bytes for transient work beside the slots while the model runs (training's
     # re-encoding of an updated weight): held apart from the reserve, which activations use then
     scratch_bytes: int = 0
+    # mixture-of-experts: fetch the next layer's likely experts ahead, so each pool holds top_k
     speculate: bool = True
 
     @property
@@ -116,10 +118,10 @@ class Plan:
     workspace_bytes: int = 0
     n_disk_staging: int = 0
     disk_staging_bytes: int = 0
-    notes: tuple[str, ...] = field(default_factory=tuple)
-    expert_slots: int = 0
+    expert_slots: int = 0  # decoded slots per MoE layer's pool (at most its number of experts)
     expert_slot_bytes: int = 0
-    expert_cache: str = ""
+    expert_cache: str = ""  # "decoded", "compressed", or "" (no routed blocks, or all resident)
+    notes: tuple[str, ...] = field(default_factory=tuple)
 
     # -- totals ------------------------------------------------------------------------------
     def _sum(self, what: str, tiers: tuple[str, ...]) -> int:
@@ -152,11 +154,55 @@ class Plan:
 
     @property
     def buffer_bytes(self) -> int:
-        """Slots, staging and workspace: what streaming costs on the device."""
+        """Slots, expert pools, staging and workspace: what streaming costs on the device."""
         return (
             self.n_slots * self.slot_bytes
+            + self.expert_pool_slots * self.expert_slot_bytes
             + self.n_staging * self.staging_bytes
             + self.workspace_bytes
+        )
+
+    # -- experts -----------------------------------------------------------------------------
+    @cached_property
+    def expert_groups(self) -> tuple[experts.ExpertGroup, ...]:
+        """The MoE layers: each one's routed blocks (indices into ``blocks``) and top_k."""
+        return experts.expert_groups(self.blocks)
+
+    @property
+    def expert_pool_slots(self) -> int:
+        """Decoded expert slots of all the pools together."""
+        return experts.pool_slots(self.expert_groups, self.expert_slots, self.options.speculate)
+
+    @property
+    def expert_shared_slots(self) -> int:
+        """Working expert slots shared by all MoE layers (part of expert_pool_slots)."""
+        return experts.shared_slots(self.expert_groups, self.options.speculate)
+
+    @cached_property
+    def _hit_rates(self) -> tuple[tuple[float, float], ...]:
+        return experts.hit_rates(self.expert_groups, self.expert_slots, self.tiers)
+
+    @property
+    def expert_hit_rate(self) -> float:
+        """Expected share of routed uses whose expert is already decoded (in its layer's pool,
+        or resident decoded): min(P, E)/E under uniform routing. 0 without routed blocks."""
+        return experts.routed_share(self.blocks, self.expert_groups, self._hit_rates, 0)
+
+    @property
+    def expert_copy_hit_rate(self) -> float:
+        """Expected share of routed uses that need no copy: a decoded hit, or an expert resident
+        on the device (compressed or not). 0 without routed blocks."""
+        return experts.routed_share(self.blocks, self.expert_groups, self._hit_rates, 1)
+
+    def _per_forward(self, size: str, tiers: tuple[str, ...], saved_by: int) -> int:
+        """uses x size summed over the blocks in ``tiers``, each routed one's share the cache
+        saves (``saved_by``: 0 decoded hits, 1 copy-free uses) taken off."""
+        return round(
+            sum(
+                b.uses * getattr(b, size) * (1 - rates[saved_by])
+                for b, t, rates in zip(self.blocks, self.tiers, self._hit_rates, strict=True)
+                if t in tiers
+            )
         )
 
     @property
@@ -188,47 +234,40 @@ class Plan:
 
     @property
     def pcie_bytes_per_forward(self) -> int:
-        """Bytes copied host → device per forward (0 on the CPU backend)."""
+        """Bytes copied host → device per forward (per token with routed blocks: expected, after
+        the expert cache's copy-free hits); 0 on the CPU backend."""
         if not self.options.copies:
             return 0
-        return sum(
-            b.uses * b.compressed_bytes
-            for b, t in zip(self.blocks, self.tiers, strict=True)
-            if t in (HOST, DISK)
-        )
+        return self._per_forward("compressed_bytes", (HOST, DISK), 1)
 
     @property
     def disk_bytes_per_forward(self) -> int:
-        """Bytes read from disk per forward (from the page cache when it holds them)."""
-        return sum(
-            b.uses * b.compressed_bytes
-            for b, t in zip(self.blocks, self.tiers, strict=True)
-            if t == DISK
-        )
+        """Bytes read from disk per forward (per token with routed blocks, as PCIe); from the
+        page cache when it holds them."""
+        return self._per_forward("compressed_bytes", (DISK,), 1)
 
     @property
     def decoded_bytes_per_forward(self) -> int:
-        return sum(
-            b.uses * b.decoded_bytes
-            for b, t in zip(self.blocks, self.tiers, strict=True)
-            if t != DEVICE
-        )
+        """Bytes decoded per forward (per token with routed blocks, after decoded hits)."""
+        return self._per_forward("decoded_bytes", (DEVICE_COMPRESSED, HOST, DISK), 0)
 
     def seconds_lower_bound(
         self, pcie_gbps: float | None = None, disk_gbps: float | None = None
     ) -> float:
-        """Time per forward the transfers alone take: the slower of PCIe and disk (they overlap)."""
+        """Time per forward (per token with routed blocks) the transfers alone take: the slower
+        of PCIe and disk (they overlap)."""
         pcie = self.pcie_bytes_per_forward / ((pcie_gbps or self.options.pcie_gbps) * 1e9)
         disk = self.disk_bytes_per_forward / ((disk_gbps or self.options.disk_gbps) * 1e9)
         return max(pcie, disk)
 
     def seconds_decoding(self) -> float:
-        """Time per forward decoding alone takes at the plan's decode rate."""
+        """Time per forward (per token with routed blocks) decoding alone takes at the plan's
+        decode rate."""
         return self.decoded_bytes_per_forward / (self.options.decode_gbps * 1e9)
 
     def seconds_bound(self) -> float:
-        """Time per forward no schedule beats: transfers and decoding overlap each other (and
-        compute), so the slowest of them."""
+        """Time per forward (per token with routed blocks, in expectation) no schedule beats:
+        transfers and decoding overlap each other (and compute), so the slowest of them."""
         return max(self.seconds_lower_bound(), self.seconds_decoding())
 
     def _bound_terms(self) -> str:
@@ -250,17 +289,30 @@ class Plan:
         raise KeyError(name)
 
     # -- printing ----------------------------------------------------------------------------
+    def _rows(self) -> list[tuple[str, int, int, int, str]]:
+        """(name, params, decoded, compressed, tier) per regular block, and one row per MoE layer
+        at its first expert."""
+        first = {g.members[0]: g for g in self.expert_groups}
+        return [
+            (b.name, b.params, b.decoded_bytes, b.compressed_bytes, t)
+            if b.routed is None
+            else experts.group_row(first[i], self.blocks, self.tiers)
+            for i, (b, t) in enumerate(zip(self.blocks, self.tiers, strict=True))
+            if b.routed is None or i in first
+        ]
+
     def table(self) -> str:
         o = self.options
-        w = max([len(b.name) for b in self.blocks] + [5])
+        rows = self._rows()
+        w = max([len(r[0]) for r in rows] + [5])
         lines = [
             f"{'block':<{w}}  {'params':>9}  {'decoded':>11}  {'compressed':>11}  tier",
             "-" * (w + 52),
         ]
-        for b, t in zip(self.blocks, self.tiers, strict=True):
+        for name, params, decoded, compressed, tier in rows:
             lines.append(
-                f"{b.name:<{w}}  {_count(b.params):>9}  {format_size(b.decoded_bytes):>11}  "
-                f"{format_size(b.compressed_bytes):>11}  {t}"
+                f"{name:<{w}}  {_count(params):>9}  {format_size(decoded):>11}  "
+                f"{format_size(compressed):>11}  {tier}"
             )
         lines.append("-" * (w + 52))
         lines.append(
@@ -268,21 +320,29 @@ class Plan:
             f"{format_size(self.compressed_bytes):>11}  {self.bits_per_weight:.3f} bits/weight"
         )
         counts = {t: self.tiers.count(t) for t in TIERS}
-        lines += [
+        pools = self.expert_pool_slots
+        pools = f"expert slots {pools} x {format_size(self.expert_slot_bytes)}, " if pools else ""
+        lines.append(
             f"blocks: {counts[DEVICE]} device, {counts[DEVICE_COMPRESSED]} device-compressed, "
-            f"{counts[HOST]} host, {counts[DISK]} disk",
+            f"{counts[HOST]} host, {counts[DISK]} disk"
+        )
+        if self.expert_groups:
+            lines.append(experts.describe(self))
+        lines += [
             f"device ({o.device}): {format_size(self.gpu_bytes + o.reserve_bytes)} of "
             f"{format_size(o.device_bytes)} — uncompressed params {format_size(o.resident_bytes)}"
             f", resident {format_size(self._sum('decoded_bytes', (DEVICE,)))} decoded + "
             f"{format_size(self._sum('compressed_bytes', (DEVICE_COMPRESSED,)))} compressed, "
-            f"slots {self.n_slots} x {format_size(self.slot_bytes)}, staging {self.n_staging} x "
-            f"{format_size(self.staging_bytes)}, workspace {format_size(self.workspace_bytes)}, "
+            f"slots {self.n_slots} x {format_size(self.slot_bytes)}, {pools}"
+            f"staging {self.n_staging} x {format_size(self.staging_bytes)}, "
+            f"workspace {format_size(self.workspace_bytes)}, "
             f"transient {format_size(self.transient_bytes)}, "
             f"reserve {format_size(o.reserve_bytes)}",
             f"host: {format_size(self.host_bytes)} of {format_size(o.host_bytes)} (disk reader "
             f"staging {self.n_disk_staging} x {format_size(self.disk_staging_bytes)}); disk: "
             f"{format_size(self.disk_bytes)}",
-            f"per forward: {format_size(self.pcie_bytes_per_forward)} over PCIe, "
+            f"per {'token' if self.expert_groups else 'forward'}: "
+            f"{format_size(self.pcie_bytes_per_forward)} over PCIe, "
             f"{format_size(self.disk_bytes_per_forward)} from disk, "
             f"{format_size(self.decoded_bytes_per_forward)} decoded; lower bound "
             f"{self.seconds_bound() * 1e3:.2f} ms ({self._bound_terms()})",
@@ -308,16 +368,18 @@ def _count(n: int) -> str:
 
 
 def _buffers(blocks, tiers, o: PlanOptions) -> tuple[int, int, int, int, int]:
-    """(n_slots, slot_bytes, n_staging, staging_bytes, workspace) for an assignment."""
+    """(n_slots, slot_bytes, n_staging, staging_bytes, workspace) for an assignment. The slots
+    serve the regular blocks (experts have their pools); staging and workspace serve all."""
     streamed = [b for b, t in zip(blocks, tiers, strict=True) if t != DEVICE]
     if not streamed:
         return 0, 0, 0, 0, 0
-    slot = max(b.decoded_bytes for b in streamed)
+    regular = [b.decoded_bytes for b in streamed if b.routed is None]
     workspace = max(b.workspace_bytes for b in streamed)
     hosted = [b for b, t in zip(blocks, tiers, strict=True) if t in (HOST, DISK)]
     n_staging = max(1, o.prefetch) if (hosted and o.copies) else 0
     staging = max((b.compressed_bytes for b in hosted), default=0) if n_staging else 0
-    return o.prefetch + 1, slot, n_staging, staging, workspace
+    n_slots = o.prefetch + 1 if regular else 0
+    return n_slots, max(regular, default=0), n_staging, staging, workspace
 
 
 def _setup_peak(blocks, tiers, o: PlanOptions) -> int:
@@ -336,8 +398,11 @@ def _transient(blocks, tiers, o: PlanOptions, setup: int | None = None) -> int:
     return max(o.scratch_bytes, setup - o.reserve_bytes, 0)
 
 
-def _device_total(blocks, tiers, o: PlanOptions) -> int:
+def _device_total(blocks, tiers, o: PlanOptions, groups=(), expert_slots: int = 0) -> int:
+    """Device bytes of an assignment with ``expert_slots`` per pool of the MoE ``groups``."""
     n_slots, slot, n_staging, staging, workspace = _buffers(blocks, tiers, o)
+    n_pool = experts.pool_slots(groups, expert_slots, o.speculate)
+    pools = n_pool * experts.slot_bytes(blocks, tiers)
     resident = sum(
         b.decoded_bytes if t == DEVICE else b.compressed_bytes if t == DEVICE_COMPRESSED else 0
         for b, t in zip(blocks, tiers, strict=True)
@@ -347,6 +412,7 @@ def _device_total(blocks, tiers, o: PlanOptions) -> int:
         + o.resident_bytes
         + resident
         + n_slots * slot
+        + pools
         + n_staging * staging
         + workspace
         + _transient(blocks, tiers, o)
@@ -354,31 +420,48 @@ def _device_total(blocks, tiers, o: PlanOptions) -> int:
 
 
 def make_plan(blocks: list[BlockSpec] | tuple[BlockSpec, ...], options: PlanOptions) -> Plan:
-    """Place every block in a tier within the budgets; raise PlanError when none fits."""
+    """Place every block in a tier within the budgets; raise PlanError when none fits.
+
+    Routed blocks start on the host with the smallest expert pools; the regular blocks are
+    placed among themselves, and the expert cache gets what they leave (_expert_cache).
+    """
     blocks = tuple(blocks)
     o = options
     all_device = (DEVICE,) * len(blocks)
     if _device_total(blocks, all_device, o) <= o.device_bytes:
         return Plan(blocks, all_device, o, notes=("everything fits decoded on the device",))
+    groups = experts.expert_groups(blocks)
+    slots_min = experts.minimum_slots(groups, o.speculate)
+    regular = [i for i, b in enumerate(blocks) if b.routed is None]
 
     # Start from everything on the host, or, when the slots for the largest blocks do not fit,
-    # from the k largest blocks resident (which shrinks the slots) for the smallest such k.
-    by_size = sorted(range(len(blocks)), key=lambda i: -blocks[i].decoded_bytes)
+    # from the k largest blocks resident (which shrinks the slots) for the smallest such k
+    # (with experts streaming, k may be every regular block).
+    by_size = sorted(regular, key=lambda i: -blocks[i].decoded_bytes)
     tiers, floor = None, None
-    for k in range(len(blocks)):
+    for k in range(len(regular) + (1 if groups else 0)):
         trial = [HOST] * len(blocks)
         for i in by_size[:k]:
             trial[i] = DEVICE
-        total = _device_total(blocks, trial, o)
+        total = _device_total(blocks, trial, o, groups, slots_min)
         floor = total if floor is None else min(floor, total)
         if total <= o.device_bytes:
             tiers = trial
             break
     if tiers is None:
+        streams = []
+        if regular:
+            largest = max(blocks[i].decoded_bytes for i in regular)
+            streams.append(
+                f"the largest block ({format_size(largest)} decoded) through {o.prefetch + 1} slots"
+            )
+        if groups:
+            expert = format_size(experts.slot_bytes(blocks, [HOST] * len(blocks)))
+            n = experts.pool_slots(groups, slots_min, o.speculate)
+            streams.append(f"{n} expert slots of {expert}")
         raise PlanError(
-            f"max_gpu_mem={format_size(o.device_bytes)} is too small: streaming the largest "
-            f"block ({format_size(max(b.decoded_bytes for b in blocks))} decoded) through "
-            f"{o.prefetch + 1} slots, with the uncompressed parameters "
+            f"max_gpu_mem={format_size(o.device_bytes)} is too small: streaming "
+            f"{' and '.join(streams)}, with the uncompressed parameters "
             f"({format_size(o.resident_bytes)}) and the reserve ({format_size(o.reserve_bytes)}), "
             f"needs at least {format_size(floor)} ({floor} bytes); raise the budget, lower "
             "prefetch or the reserve",
@@ -391,10 +474,12 @@ def make_plan(blocks: list[BlockSpec] | tuple[BlockSpec, ...], options: PlanOpti
     # Passes of greedy moves, best saving per byte first. Within a pass the buffers keep their
     # sizes (moves can only shrink them); the next pass spends what shrinking freed.
     while True:
-        left = o.device_bytes - _device_total(blocks, tiers, o)
+        left = o.device_bytes - _device_total(blocks, tiers, o, groups, slots_min)
         setup = _setup_peak(blocks, tiers, o)
         moves = []
         for i, (b, t) in enumerate(zip(blocks, tiers, strict=True)):
+            if b.routed is not None:
+                continue
             if t == HOST:
                 if copy_s[i] > 0 and o.device_compressed:
                     moves.append(
@@ -431,11 +516,35 @@ def make_plan(blocks: list[BlockSpec] | tuple[BlockSpec, ...], options: PlanOpti
                 moved = True
         if not moved:
             break
+    slots, cache = 0, ""
+    if groups:
+        tiers, slots, cache = _expert_cache(blocks, tiers, o, groups, slots_min)
     tiers, n_disk, disk_staging = _host_or_disk(blocks, tiers, o)
-    n_slots, slot, n_staging, staging, workspace = _buffers(blocks, tiers, o)
-    return Plan(
-        blocks, tuple(tiers), o, n_slots, slot, n_staging, staging, workspace, n_disk, disk_staging
-    )
+    buffers, pool = _buffers(blocks, tiers, o), experts.slot_bytes(blocks, tiers)
+    return Plan(blocks, tuple(tiers), o, *buffers, n_disk, disk_staging, slots, pool, cache)
+
+
+def _expert_cache(
+    blocks, tiers, o: PlanOptions, groups: tuple[experts.ExpertGroup, ...], slots_min: int
+) -> tuple[list[str], int, str]:
+    """(tiers, expert slots per pool, cache kind): the cache of the smaller bound that fits
+    beside the regular blocks as placed (experts_plan.choose_cache)."""
+
+    def placed(resident: int) -> list[str]:
+        trial = list(tiers)
+        for i in experts.resident_experts(groups, resident):
+            trial[i] = DEVICE_COMPRESSED
+        return trial
+
+    def fits(slots: int, resident: int) -> bool:
+        return _device_total(blocks, placed(resident), o, groups, slots) <= o.device_bytes
+
+    def bound(slots: int, resident: int) -> float:
+        return Plan(blocks, tuple(placed(resident)), o, expert_slots=slots).seconds_bound()
+
+    # compressed residency saves copies only: none without them, and training re-encodes
+    choice = experts.choose_cache(groups, slots_min, fits, bound, o.copies and o.device_compressed)
+    return placed(choice.resident), choice.slots, choice.kind
 
 
 def _host_or_disk(blocks, tiers, o: PlanOptions) -> tuple[list[str], int, int]:
