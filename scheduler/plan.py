@@ -75,9 +75,8 @@ class PlanOptions:
     disk: bool = False  # blocks can be read from their files: a disk tier exists
     device_compressed: bool = True  # False when training: re-encoded weights change size
     disk_gbps: float = 3.0
-    read_ahead: int | None = (
-        None  # disk blocks read this many blocks beyond prefetch (None: = prefetch)
-    )
+    # disk blocks read this many blocks beyond prefetch (None: = prefetch)
+    read_ahead: int | None = None
     # device bytes for transient work beside the slots while the model runs (training's
     # re-encoding of an updated weight): held apart from the reserve, which activations use then
     scratch_bytes: int = 0
