@@ -27,7 +27,7 @@ from .budget import device_encode_bytes
 from .codec import compress_many
 from .compressed import CompressedTensor
 from .config import CodecConfig
-from .conversion import source_shards
+from .expert_layout import fused_param, model_name
 from .kernels import HAS_TRITON
 from .mixed import MixedPrecision
 from .model_analysis import (
@@ -39,6 +39,7 @@ from .model_analysis import (
 )
 from .optim import StateMover
 from .options import DispatchError, DispatchOptions
+from .source import SourceFiles, source_shards
 
 BATCH_WEIGHTS = 1 << 26  # weights per encoder call: bounds the encoder's temporaries
 TARGET_TRIES = 4  # re-allocations of target_bits when the estimate was short
@@ -194,17 +195,23 @@ def compress_from_files(
     pool: Executor | None,
 ) -> dict[str, CompressedTensor]:
     """Stream a Hugging Face safetensors checkpoint into a model built on the meta device:
-    compress the weights (one in memory at a time), place the other tensors."""
+    compress the weights (one in memory at a time), place the other tensors. Fused expert
+    parameters are compressed one expert at a time, from either layout (expert_layout.py)."""
     by_name = weight_names(weights)
     pending = {w.key: w for w in weights}
     compressed: dict[str, CompressedTensor] = {}
+    src, experts = SourceFiles.of_dir(Path(checkpoint))
     for shard in source_shards(Path(checkpoint)):
         with safe_open(str(shard), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                if name in experts.consumed:
+                    continue  # read below, one expert at a time
                 w = by_name.get(name)
                 if w is None:
-                    if has_tensor(model, name):
-                        set_tensor(model, name, f.get_tensor(name))
+                    # (Mixtral's Hub names its router "block_sparse_moe.gate", the model "mlp")
+                    target = name if has_tensor(model, name) else model_name(name)
+                    if has_tensor(model, target):
+                        set_tensor(model, target, f.get_tensor(name))
                     continue
                 if w.key not in pending:
                     continue  # a tied copy
@@ -213,6 +220,18 @@ def compress_from_files(
                 compressed.update(compress_weights([w], cfg, {}, pool, progress=False))
                 w.param = None
                 del pending[w.key]
+    prefix = getattr(model, "base_model_prefix", "")
+    with src:
+        for w in [w for w in pending.values() if fused_param(w.key) is not None]:
+            pieces = experts.pieces_for(w.key, w.shape, prefix)
+            if pieces is None:
+                continue  # named below
+            for key, a, b in w.pieces:  # one piece an expert: (key, e, e + 1), value param[e]
+                assert b == a + 1, (key, a, b)
+                t = src.piece(pieces[a])
+                w.dtype = t.dtype
+                compressed[key] = compress_many([t], cfg, names=[key], pool=pool)[0].cpu()
+            del pending[w.key]
     if pending:
         raise DispatchError(f"the checkpoint lacks {sorted(pending)[:5]}")
     check_materialized(model, weights)

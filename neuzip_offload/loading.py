@@ -4,8 +4,11 @@ What load() does between analysis and blocks: each compressed weight's pieces ar
 checkpoint stores them (headers read, planes left in their files; the executor reads them
 into host memory or from disk as the plan says). The converter cuts pieces by the same rule as
 dispatch (pieces.py), so only a weight stored plain, or in pieces its module cannot use (column
-pieces), is decoded and compressed again. A layer block is read whole or held whole. The other
-tensors (norms, biases, buffers) are read and put in place of their meta placeholders.
+pieces), is decoded and compressed again. A fused expert parameter of a mixture-of-experts model
+(``<experts>.gate_up_proj`` [E, 2I, H]) is stored in one piece per expert, ``<param>[e]`` of
+value ``param[e]``, as dispatch cuts it; those pieces are taken as stored. A layer block is
+read whole or held whole. The other tensors (norms, biases, buffers, routers) are read and put
+in place of their meta placeholders, found under transformers' names for them (entry_key).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .checkpoint import INDEX_NAME, Checkpoint, Entry
 from .codec import decompress
 from .compressed import CompressedTensor
 from .encode import compress_weights
+from .expert_layout import checkpoint_names, fused_param
 from .model_analysis import (
     Weight,
     check_materialized,
@@ -92,6 +96,9 @@ def place_weights(
             continue
         entry = _entry_for(ck, w, prefix)
         w.dtype = getattr(torch, entry.dtype)
+        if fused_param(w.key) is not None:  # experts: the pieces are dispatch's, one an expert
+            _place_expert_weight(ck, w, entry, opts, pool, compressed, locations, stored)
+            continue
         dims = {kind_of(m).split_dim for _, m in w.users}
         if entry.kind == "compressed" and (len(entry.pieces) == 1 or dims == {0}):
             # the model's names for the pieces (the checkpoint's may differ: aliases, prefixes)
@@ -99,14 +106,7 @@ def place_weights(
             keys = [w.key] if n == 1 else [f"{w.key}[{i}]" for i in range(n)]
             w.pieces = [(k, a, b) for k, (_, _, a, b) in zip(keys, entry.pieces, strict=True)]
             for key, (p, shard, _, _) in zip(keys, entry.pieces, strict=True):
-                header = ck.header(p, shard)
-                placeholders = {
-                    k: torch.empty(n, dtype=torch.uint8, device="meta")
-                    for k, n in header.plane_sizes().items()
-                }
-                compressed[key] = CompressedTensor(header, placeholders, key)
-                locations[key] = ck.locations(p, shard)
-                stored[key] = (p, shard)
+                _place_stored(ck, key, p, shard, compressed, locations, stored)
         else:  # stored plain, or in pieces this module cannot use: decode and compress again
             w.param = read_entry(ck, entry)
             cut_pieces([w], max(layer_bytes(weights).values(), default=0))
@@ -115,6 +115,54 @@ def place_weights(
             )
     _unify_blocks(weights, compressed, locations, ck, stored)
     return compressed, locations
+
+
+def _place_stored(
+    ck: Checkpoint,
+    key: str,
+    piece: str,
+    shard: str,
+    compressed: dict[str, CompressedTensor],
+    locations: dict[str, dict[str, PlaneLocation]],
+    stored: dict[str, tuple[str, str]],
+) -> None:
+    """The model's piece ``key`` is the checkpoint's ``piece`` as stored: its header, with
+    placeholder planes on meta, and where its planes are in ``shard``."""
+    header = ck.header(piece, shard)
+    placeholders = {
+        k: torch.empty(n, dtype=torch.uint8, device="meta") for k, n in header.plane_sizes().items()
+    }
+    compressed[key] = CompressedTensor(header, placeholders, key)
+    locations[key] = ck.locations(piece, shard)
+    stored[key] = (piece, shard)
+
+
+def _place_expert_weight(
+    ck: Checkpoint,
+    w: Weight,
+    entry: Entry,
+    opts: DispatchOptions,
+    pool: ThreadPool | None,
+    compressed: dict[str, CompressedTensor],
+    locations: dict[str, dict[str, PlaneLocation]],
+    stored: dict[str, tuple[str, str]],
+) -> None:
+    """A fused expert parameter: its pieces (``w.pieces``, one an expert, as dispatch cut them)
+    taken as stored when the checkpoint's pieces have the same ranges, else (stored plain, or
+    in other pieces: an older conversion) decoded and compressed again."""
+    if tuple(entry.shape) != tuple(w.shape):
+        raise DispatchError(
+            f"{ck.path}: the checkpoint's {entry.name} has shape {list(entry.shape)}, the "
+            f"model's {w.key} {list(w.shape)}"
+        )
+    ranges = [(a, b) for _, a, b in w.pieces]
+    if entry.kind == "compressed" and [(a, b) for *_, a, b in entry.pieces] == ranges:
+        for (key, _, _), (p, shard, _, _) in zip(w.pieces, entry.pieces, strict=True):
+            _place_stored(ck, key, p, shard, compressed, locations, stored)
+        return
+    w.param = read_entry(ck, entry)
+    compressed.update(compress_weights([w], opts.codec, {}, pool, False, opts.encode_budget))
+    w.param = None
 
 
 def fill_model(ck: Checkpoint, model: nn.Module, weights: list[Weight]) -> None:
@@ -136,8 +184,10 @@ def read_entry(ck: Checkpoint, entry: Entry) -> torch.Tensor:
         return ck.read_plain(entry.name)
     # read_compressed checked each checksum already
     parts = [
-        decompress(ck.read_compressed(p, shard), verify=False) for p, shard, _, _ in entry.pieces
+        decompress(ck.read_compressed(p, shard), verify=False) for p, shard, *_ in entry.pieces
     ]
+    # an expert's piece is param[e]: one dim fewer than its entry
+    parts = [t.unsqueeze(0) if t.dim() < len(entry.shape) else t for t in parts]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -190,12 +240,7 @@ def entry_key(ck: Checkpoint, name: str, prefix: str = "") -> str | None:
     ``base_model_prefix`` ("transformer", "model", "bert" ...) dropped or added, so that a base
     model's checkpoint fills a model with a head (GPT-2's "h.0..." for "transformer.h.0...")
     and the other way round."""
-    name = peft_base_name(name)
-    candidates = [name]
-    if prefix:
-        head = prefix + "."
-        candidates.append(name[len(head) :] if name.startswith(head) else head + name)
-    for n in candidates:
+    for n in checkpoint_names(peft_base_name(name), prefix):
         key = n if n in ck.entries else ck.aliases.get(n)
         if key is not None:
             return key
@@ -203,7 +248,7 @@ def entry_key(ck: Checkpoint, name: str, prefix: str = "") -> str | None:
 
 
 def _entry_for(ck: Checkpoint, w: Weight, prefix: str = "", required: bool = True) -> Entry | None:
-    for name in w.names:
+    for name in dict.fromkeys([w.key, *w.names]):  # (a fused expert parameter: its key)
         key = entry_key(ck, name, prefix)
         if key is not None:
             return ck.entries[key]

@@ -185,3 +185,109 @@ def compressed_blocks(shapes_per_block, config=None, seed: int = 0):
             )
         )
     return weights, blocks, specs
+
+
+# ---------------------------------------------------------------------------------------------
+# mixture-of-experts models and their checkpoints in the two layouts (expert_layout.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_mixtral(seed: int = 0, dtype: torch.dtype = torch.bfloat16, layers: int = 2):
+    """A transformers-5 Mixtral: 8 experts, top 2, hidden 64, intermediate 128, vocab 256;
+    weights drawn with std 0.02 (its initializer_range)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        architectures=["MixtralForCausalLM"],
+    )
+    return MixtralForCausalLM(cfg).to(dtype).eval()
+
+
+def tiny_qwen2_moe(seed: int = 0, dtype: torch.dtype = torch.bfloat16, layers: int = 2):
+    """A transformers-5 Qwen2-MoE: 8 experts, top 4, a shared expert (intermediate 128), expert
+    intermediate 64, hidden 64, vocab 256; weights drawn with std 0.02."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2MoeConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=4,
+        max_position_embeddings=128,
+        architectures=["Qwen2MoeForCausalLM"],
+    )
+    return Qwen2MoeForCausalLM(cfg).to(dtype).eval()
+
+
+def _write_checkpoint(model, tensors: dict[str, torch.Tensor], path, shards: int) -> None:
+    """config.json and ``tensors`` in ``shards`` safetensors files, names dealt round-robin in
+    sorted order (so one expert's projections land in different files), with an index."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(str(path / "config.json"))
+    names = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, str(path / "model.safetensors"))
+        return
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[i::shards]}
+        save_file(part, str(path / file))
+        weight_map.update(dict.fromkeys(part, file))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def write_fused_checkpoint(model, path, shards: int = 1) -> None:
+    """The model's state dict as it is (transformers 5's fused expert tensors) in safetensors."""
+    state = {n: t.detach().contiguous().clone() for n, t in model.state_dict().items()}
+    _write_checkpoint(model, state, path, shards)
+
+
+def write_per_expert_checkpoint(model, path, shards: int = 1) -> None:
+    """The model in the Hub's per-expert layout: each fused expert tensor split into one matrix
+    per expert and projection (Mixtral: ``block_sparse_moe.experts.E.w1/w3/w2``, its router
+    ``block_sparse_moe.gate``; Qwen2-MoE: ``mlp.experts.E.gate_proj/up_proj/down_proj``)."""
+    import re
+
+    mixtral = model.config.model_type == "mixtral"
+    gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    state = {}
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        if mixtral:
+            name = re.sub(r"\.mlp\.(experts|gate)\.", r".block_sparse_moe.\1.", name)
+        m = re.match(r"^(.+\.experts)\.(gate_up_proj|down_proj)$", name)
+        if m is None:
+            state[name] = t.contiguous().clone()
+            continue
+        for e in range(t.shape[0]):
+            if m.group(2) == "down_proj":
+                state[f"{m.group(1)}.{e}.{down}.weight"] = t[e].contiguous().clone()
+            else:
+                g, u = t[e].chunk(2, dim=0)
+                state[f"{m.group(1)}.{e}.{gate}.weight"] = g.contiguous().clone()
+                state[f"{m.group(1)}.{e}.{up}.weight"] = u.contiguous().clone()
+    _write_checkpoint(model, state, path, shards)
