@@ -210,7 +210,7 @@ def tiny_mixtral(seed: int = 0, dtype: torch.dtype = torch.bfloat16, layers: int
         max_position_embeddings=128,
         architectures=["MixtralForCausalLM"],
     )
-    return MixtralForCausalLM(cfg).to(dtype).eval()
+    return _built(MixtralForCausalLM, cfg, dtype)
 
 
 def tiny_qwen2_moe(seed: int = 0, dtype: torch.dtype = torch.bfloat16, layers: int = 2):
@@ -233,7 +233,13 @@ def tiny_qwen2_moe(seed: int = 0, dtype: torch.dtype = torch.bfloat16, layers: i
         max_position_embeddings=128,
         architectures=["Qwen2MoeForCausalLM"],
     )
-    return Qwen2MoeForCausalLM(cfg).to(dtype).eval()
+    return _built(Qwen2MoeForCausalLM, cfg, dtype)
+
+
+def _built(cls, cfg, dtype: torch.dtype):
+    """Built in ``dtype`` as from_pretrained builds it: float buffers (rotary inv_freq) stay
+    fp32, which ``.to(dtype)`` after the fact would round."""
+    return cls._from_config(cfg, dtype=dtype).eval()
 
 
 def _write_checkpoint(model, tensors: dict[str, torch.Tensor], path, shards: int) -> None:

@@ -4,9 +4,8 @@ encode.compress_from_files).
 
 Both layouts of one model convert to the same compressed pieces, one per expert, each decoding
 to exactly ``param[e]``; the loaders take those pieces as stored, or merge an uncompressed
-checkpoint's per-expert tensors one expert at a time. The loading tests below hand-make the
-fused expert weights as the MoE core makes them (``ContractWeight``); the end-to-end ones run
-once the core recognises the fused parameters itself.
+checkpoint's per-expert tensors one expert at a time. The loading tests take the fused expert
+weights as analysis makes them (model_analysis.find_weights).
 """
 
 from __future__ import annotations
@@ -206,32 +205,16 @@ def test_save_compressed_stores_fused_experts_as_conversion_does(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# loading, against the MoE core's contract (fused weights made by hand)
+# loading
 # ------------------------------------------------------------------------------------------
 
 
-class ContractWeight(Weight):
-    """A fused expert parameter as the MoE core makes it: key the parameter's name, one piece
-    an expert ``(f"{key}[{e}]", e, e + 1)``, whose value is ``param[e]``."""
-
-    @property
-    def names(self) -> list[str]:
-        return [self.key]
-
-    def piece_of(self, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        assert stop == start + 1
-        return t[start]
-
-
 def _meta_weights(path) -> tuple[torch.nn.Module, list[Weight]]:
-    """The model of ``path``'s config on meta: its Linear/Embedding weights as analysis finds
-    them, and its fused expert parameters as the core will."""
+    """The model of ``path``'s config on meta and its compressed weights as analysis finds them
+    (fused expert parameters: one piece an expert, ``(f"{key}[{e}]", e, e + 1)``)."""
     model = model_from_config(path, torch.bfloat16)
     tie_meta_weights(model)
     weights, _ = analyze(model, None)
-    for name, param in _experts(model).items():
-        pieces = [(expert_layout.piece_key(name, e), e, e + 1) for e in range(param.shape[0])]
-        weights.append(ContractWeight(name, param, [], None, None, pieces))
     return model, weights
 
 
@@ -286,7 +269,7 @@ def test_load_takes_the_expert_pieces_as_stored(tmp_path, kind):
     compressed, locations = place_weights(ck, weights, opts, None, prefix)
     fill_model(ck, model, weights)
     _check_filled(model, weights, reference)
-    for w in (w for w in weights if isinstance(w, ContractWeight)):
+    for w in (w for w in weights if w.kind.per_index):
         entry = ck.entries[entry_key(ck, w.key, prefix)]
         for (key, e, _), (piece, shard, *_) in zip(w.pieces, entry.pieces, strict=True):
             assert compressed[key].planes[next(iter(compressed[key].planes))].is_meta
@@ -297,16 +280,8 @@ def test_load_takes_the_expert_pieces_as_stored(tmp_path, kind):
 
 
 # ------------------------------------------------------------------------------------------
-# end to end, once the MoE core makes the fused expert weights itself
+# end to end
 # ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def moe_core() -> None:
-    """Skips until the MoE core (experts as blocks) makes the fused expert weights itself."""
-    weights, _ = analyze(tiny_mixtral(layers=1), None)
-    if not any(expert_layout.fused_param(w.key) is not None for w in weights):
-        pytest.skip("the MoE core (experts as blocks) is not on this branch yet")
 
 
 def _logits(model, ids) -> torch.Tensor:
@@ -316,7 +291,7 @@ def _logits(model, ids) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
 @pytest.mark.parametrize("layout", sorted(WRITERS))
-def test_moe_checkpoints_load_and_dispatch_exactly(tmp_path, kind, layout, moe_core):
+def test_moe_checkpoints_load_and_dispatch_exactly(tmp_path, kind, layout):
     """nzo.load of a converted checkpoint and dispatch(checkpoint=) of the uncompressed one:
     logits bit-identical to the plain model's, batch 2."""
     reference = MODELS[kind]()

@@ -11,10 +11,10 @@ import warnings
 
 import pytest
 import torch
-import transformers
 
 import neuzip_offload as nzo
 from neuzip_offload.modules import CompressedExperts
+from tests.helpers import tiny_mixtral, tiny_qwen2_moe
 
 
 def _init(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -27,26 +27,9 @@ def _init(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def tiny_moe(kind: str, seed: int = 0, layers: int = 3) -> torch.nn.Module:
-    common = dict(
-        hidden_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts_per_tok=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-    )
-    if kind == "mixtral":
-        cfg = transformers.MixtralConfig(intermediate_size=128, num_local_experts=8, **common)
-        return _init(transformers.MixtralForCausalLM(cfg), seed)
-    cfg = transformers.Qwen2MoeConfig(
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        shared_expert_intermediate_size=128,
-        num_experts=8,
-        **common,
-    )
-    return _init(transformers.Qwen2MoeForCausalLM(cfg), seed)
+    """tests/helpers' tiny Mixtral (top-2 of 8) or Qwen2-MoE (top-4 of 8, a shared expert)."""
+    build = tiny_mixtral if kind == "mixtral" else tiny_qwen2_moe
+    return build(seed, layers=layers)
 
 
 def _bf16_bytes(model: torch.nn.Module) -> int:
@@ -54,6 +37,9 @@ def _bf16_bytes(model: torch.nn.Module) -> int:
 
 
 def _dispatch(model, share: float = 0.4, **kw):
+    """Dispatched within ``share`` of its bf16 size; the reserve for activations and KV cache
+    sized for these short sequences (the estimate for 1024 tokens would take most of it)."""
+    kw = {"reserve": "32KiB", **kw}
     return nzo.dispatch(
         model,
         max_gpu_mem=int(share * _bf16_bytes(model)),
@@ -110,7 +96,8 @@ def test_experts_are_blocks_and_almost_nothing_stays_plain(kind):
         for e in range(8):
             assert f"model.layers.{layer}.mlp.experts[{e}]" in names
     blk = next(b for b in model.neuzip.plan.blocks if b.name == "model.layers.1.mlp.experts[3]")
-    assert blk.routed == "model.layers.1.mlp.experts" and blk.uses == 2 / 8
+    top_k = plain.config.num_experts_per_tok
+    assert blk.routed == "model.layers.1.mlp.experts" and blk.uses == top_k / 8
     # attention (and Qwen's shared expert) stay in the layer's blocks, not in the experts'
     ex, blocks = model.neuzip.executor, model.neuzip.plan.blocks
     others = ["model.layers.1.self_attn.q_proj.weight"]
