@@ -318,6 +318,7 @@ def plan(args: argparse.Namespace) -> int:
             args.max_gpu_mem,
             max_cpu_mem=args.max_cpu_mem,
             prefetch=args.prefetch,
+            speculate=args.speculate,
             reserve=args.reserve,
             device=args.device,
             pcie_gbps=args.pcie_gbps,
@@ -404,6 +405,12 @@ def _parser() -> argparse.ArgumentParser:
         "--decode-gbps", type=float, default=None, help="decode rate (default: the device's)"
     )
     p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument(
+        "--no-speculate",
+        dest="speculate",
+        action="store_false",
+        help="mixture-of-experts models: no working slots for guessed experts",
+    )
     p.add_argument(
         "--device", type=_device_arg, default="cuda", help="the target device (default cuda)"
     )

@@ -79,8 +79,9 @@ def compress_weights(
     on the GPU are encoded there; the others, and pieces too large for it alone, on the host."""
     groups: dict[CodecConfig, list] = {}
     for w in weights:
-        c = config_for(cfg, bits.get(w.key, "default"))
-        groups.setdefault(c, []).extend((w, key, a, b) for key, a, b in w.pieces)
+        for key, a, b in w.pieces:  # k per piece where chosen per expert, else per weight
+            c = config_for(cfg, bits.get(key, bits.get(w.key, "default")))
+            groups.setdefault(c, []).append((w, key, a, b))
     out: dict[str, CompressedTensor] = {}
     bar = tqdm(
         total=sum(w.shape.numel() for w in weights),
@@ -142,7 +143,11 @@ def compress_to_target(
             break
         target -= actual - target_bits + 1e-3  # the estimate was short: aim lower
         new = mp.allocate(target)
-        changed = [w for w in weights if new[w.key] != bits[w.key]]
+        changed = [
+            w
+            for w in weights
+            if any(new.get(k) != bits.get(k) for k in [w.key] + [p[0] for p in w.pieces])
+        ]
         bits = new
         compressed.update(compress_weights(changed, cfg, bits, pool, False, device_budget))
     actual = 8 * sum(ct.nbytes for ct in compressed.values()) / total

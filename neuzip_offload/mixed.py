@@ -1,4 +1,5 @@
-"""Mixed precision for lossy dispatch: k mantissa bits chosen per tensor under a bits budget.
+"""Mixed precision for lossy dispatch: k mantissa bits chosen per tensor (per expert for fused
+mixture-of-experts tensors) under a bits budget.
 
 ``dispatch(model, mode="lossy", target_bits=7.0)`` keeps the average, headers included, at or
 under 7 bits per weight with the least expected loss:
@@ -110,19 +111,31 @@ class MixedPrecision:
             w = getattr(m, "weight", None)
             if kind_of(m) is not None and isinstance(w, torch.Tensor):
                 users.setdefault(id(w), []).append(m)
+        # fused expert tensors [experts, rows, cols]: sampled by rows, chosen per expert
         dims = {
-            key: 1 if any(kind_of(m).split_dim == 1 for m in users.get(id(p), [])) else 0
+            key: 1
+            if p.dim() == 3 or any(kind_of(m).split_dim == 1 for m in users.get(id(p), []))
+            else 0
             for key, p in weights
         }
-        index = {key: _sample_index(p, dims[key]) for key, p in weights}
+        index = {
+            key: _sample_index(p[0], 0) if p.dim() == 3 else _sample_index(p, dims[key])
+            for key, p in weights
+        }
         fisher = self._fisher(model, weights, dims, index, calibration)
-        self.sizes = {key: p.numel() for key, p in weights}
-        self.options: dict[str, list[tuple[float, float, int | None]]] = {}
-        for key, p in tqdm(weights, desc="sensitivity", disable=not progress):
+        units = []  # (key the choice is for, its values, their sample's Fisher, sampled values)
+        for key, p in weights:
             w = p.detach()
             if index[key] is not None:
-                w = w.index_select(dims[key], index[key]).contiguous()
-            f = fisher[key]
+                w = w.index_select(dims[key], index[key])
+            if p.dim() == 3:
+                units += [(f"{key}[{e}]", p[e], fisher[key][e], w[e]) for e in range(p.shape[0])]
+            else:
+                units.append((key, p, fisher[key], w))
+        self.sizes = {key: p.numel() for key, p, _, _ in units}
+        self.options: dict[str, list[tuple[float, float, int | None]]] = {}
+        for key, p, f, w in tqdm(units, desc="sensitivity", disable=not progress):
+            w = w.contiguous()
             scale = p.numel() / w.numel()
             opts = []
             for k in range(8):
@@ -168,7 +181,8 @@ class MixedPrecision:
         return {key: a / len(calibration) for key, a in acc.items()}
 
     def allocate(self, target_bits: float) -> dict[str, int | None]:
-        """k per weight (None: lossless) with estimated bits ≤ target_bits per weight."""
+        """k per weight, or per expert of a fused expert tensor (``key[e]``: its piece's key)
+        (None: lossless), with estimated bits ≤ target_bits per weight."""
         sizes = self.sizes
         total_w = sum(sizes.values())
         budget = target_bits * total_w

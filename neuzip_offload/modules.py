@@ -378,6 +378,7 @@ class CompressedExperts(CompressedModule):
         with torch.no_grad():
             hit = torch.unique(top_k_index).tolist()  # the host sync every experts forward makes
         routed = [e for e in hit if 0 <= e < self.num_experts]
+        ex.routed([self.expert_blocks[e] for e in routed])
         nxt = self.next_layer
         if nxt is not None and nxt.router is not None and ex.speculating:
             # the guess goes out before this layer's experts run, so that on CUDA its copies

@@ -419,24 +419,30 @@ class Executor:
         """Whether experts are guessed and fetched ahead (the plan's ``speculate``)."""
         return self.plan.options.speculate
 
+    def routed(self, blocks: list[int]) -> None:
+        """A MoE layer's router picked these expert blocks (before they are entered): the guess
+        made for the layer is scored, and only its right part is still spared from eviction."""
+        self.experts.routed_now(blocks)
+
     def speculate(self, blocks: list[int]) -> None:
         """Fetch these expert blocks ahead (guessed for the next MoE layer), into free or least
-        recently used slots of their pool, never evicting a running block or another guess."""
+        recently used slots of their pool, never evicting a running block or a guess."""
         if not blocks:
             return
         xp = self.experts
-        xp.new_guess()
+        xp.new_guess(xp.pool[blocks[0]])
         for b in blocks:
-            xp.stats.guessed += 1
             blk = self.store.blocks[b]
             if blk.tier == DEVICE or b in self._slot_of:
                 xp.add_guess(b, False, 0)
                 continue
             if blk.tier == DISK:
+                xp.add_guess(b, False, 0)
                 continue  # the disk reader serves the recorded order; a guess does not wait
             s = self._claim_slot([], required=False, group=xp.pool[b])
             if s is None:
-                break
+                xp.add_guess(b, False, 0)
+                continue
             self._fetch(b, s)
             xp.add_guess(b, True, blk.decoded_bytes)
             self._note("guess", blk.name)
@@ -448,7 +454,7 @@ class Executor:
         and the shared working slots) whose block is not running nor about to run (its 'free'
         event guards reuse). For an expert: an empty slot, else the least recently used one,
         sparing the experts guessed for the next layer."""
-        keep = set(protect) | set(self._entered) | self.experts.guessed()
+        keep = set(protect) | set(self._entered) | self.experts.spared()
         mine = {group, SHARED} if group is not None else {None}
         pool = [i for i, s in enumerate(self._slots) if s.group in mine and s.in_use == 0]
         free = [i for i in pool if self._slots[i].block not in keep]

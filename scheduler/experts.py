@@ -30,6 +30,7 @@ class ExpertStats:
     decoded_bytes: int = 0
     guessed: int = 0
     guessed_right: int = 0
+    guessed_layer_uses: int = 0  # uses in a layer a guess was made for
     prefetched: int = 0
     misses_avoided: int = 0
 
@@ -48,22 +49,25 @@ class ExpertStats:
             "hit_rate": self.hits / max(self.uses, 1),
             "guessed": self.guessed,
             "guessed_right": self.guessed_right,
+            # precision (guesses that were routed) and recall (routed experts that were guessed)
             "guess_accuracy": self.guessed_right / max(self.guessed, 1),
+            "guess_recall": self.guessed_right / max(self.guessed_layer_uses, 1),
             "prefetched": self.prefetched,
             "misses_avoided": self.misses_avoided,
         }
 
 
 class Experts:
-    """Per block: its experts module, which names its pool (None: not an expert). The live
-    guess: the blocks guessed for the next MoE layer and not used yet, which eviction spares;
-    one guess lives at a time (a new one drops the last one's leftovers)."""
+    """Per block: its experts module, which names its pool (None: not an expert). The guess
+    for the next MoE layer (``guess``), and, once a layer's router has spoken (``routed``), the
+    guessed experts it does use, which eviction spares until they run."""
 
     def __init__(self, plan: Plan):
         self.routed = [b.routed is not None for b in plan.blocks]
         self.pool = [b.routed for b in plan.blocks]
         self.stats = ExpertStats()
-        self._guess: set[int] = set()
+        self._guess: tuple[str | None, set[int]] | None = None  # (its layer, its blocks)
+        self._running: set[int] = set()  # guessed right, about to run in the current layer
         self._ahead: set[int] = set()  # fetched by a guess, not used yet
 
     @staticmethod
@@ -81,15 +85,30 @@ class Experts:
         own = [(g, min(plan.expert_slots, sizes[g])) for g in groups if plan.expert_slots]
         return [*own, (SHARED, plan.expert_shared_slots)]
 
-    def guessed(self) -> set[int]:
-        return self._guess
+    def spared(self) -> set[int]:
+        """Blocks eviction must not take: the live guess and the right guesses about to run."""
+        return self._running | (self._guess[1] if self._guess else set())
 
-    def new_guess(self) -> None:
-        """A new guess for the next layer: the last one's unused blocks are no longer spared."""
-        self._guess = set()
+    def routed_now(self, blocks: list[int]) -> None:
+        """A MoE layer's router picked ``blocks``: the guess made for this layer is scored
+        (right: guessed and routed), its wrong part is no longer spared."""
+        pool = self.pool[blocks[0]] if blocks else None
+        if self._guess is not None and self._guess[0] == pool:
+            picked = set(blocks)
+            self._running = self._guess[1] & picked
+            self.stats.guessed_right += len(self._running)
+            self.stats.guessed_layer_uses += len(picked)
+            self._guess = None
+        else:
+            self._running = set()
+
+    def new_guess(self, pool: str | None) -> None:
+        """A guess for the layer ``pool`` begins (an earlier one, never scored, is dropped)."""
+        self._guess = (pool, set())
 
     def add_guess(self, b: int, fetched: bool, decoded_bytes: int) -> None:
-        self._guess.add(b)
+        self.stats.guessed += 1
+        self._guess[1].add(b)
         if fetched:
             self._ahead.add(b)
             self.stats.prefetched += 1
@@ -99,9 +118,7 @@ class Experts:
         """Block ``b`` is entered (``cached``: decoded already, in a slot or resident)."""
         s = self.stats
         s.uses += 1
-        if b in self._guess:
-            s.guessed_right += 1
-            self._guess.discard(b)
+        self._running.discard(b)
         if cached:
             s.hits += 1
             s.misses_avoided += b in self._ahead

@@ -18,9 +18,10 @@ The model the planner prices it by:
   only a decode.
 
 With the bytes the regular blocks leave, the cache is either "decoded" (more slots per group,
-evenly, up to E) or "compressed" (the first c experts of every group resident compressed, the same
-c everywhere); the one whose plan has the smaller time bound wins (decoded on ties), and room left
-after it is spent on the other where that lowers the bound.
+evenly, up to E) or "compressed" (c experts resident compressed, dealt round-robin over the
+groups: every group's first, then its second ...); the one whose plan has the smaller time
+bound wins (decoded on ties), and room left after it is spent on the other where that lowers
+the bound.
 """
 
 from __future__ import annotations
@@ -106,8 +107,12 @@ def minimum_slots(groups: Sequence[ExpertGroup], speculate: bool) -> int:
 
 
 def resident_experts(groups: Sequence[ExpertGroup], count: int) -> list[int]:
-    """Block indices of the first ``count`` experts of every group."""
-    return [i for g in groups for i in g.members[:count]]
+    """Block indices of ``count`` experts resident compressed, dealt round-robin: the first
+    expert of every group, then the second ..., so groups differ by at most one and no room
+    is left that a whole round would not fill."""
+    rounds = max((g.experts for g in groups), default=0)
+    dealt = [g.members[j] for j in range(rounds) for g in groups if j < g.experts]
+    return dealt[:count]
 
 
 def hit_rates(
@@ -171,9 +176,9 @@ def describe(plan: Plan) -> str:
     if plan.expert_cache:
         slots = f"{plan.expert_slots} slot{'s' * (plan.expert_slots != 1)}"
         cache = f"{plan.expert_cache}, {slots} per group of {format_size(plan.expert_slot_bytes)}"
-        resident = max(sum(plan.tiers[i] == DEVICE_COMPRESSED for i in g.members) for g in groups)
+        resident = sum(plan.tiers[i] == DEVICE_COMPRESSED for g in groups for i in g.members)
         if resident:
-            cache += f", {resident} per group resident compressed"
+            cache += f", {resident} experts resident compressed"
         cache += f"; {plan.expert_shared_slots} working slots shared"
     return (
         f"experts: {sum(g.experts for g in groups)} in {len(groups)} groups, "
@@ -192,12 +197,14 @@ def choose_cache(
 ) -> CacheChoice:
     """The expert cache with the smaller time bound.
 
-    ``fits(slots, resident)`` says whether a plan with that many decoded slots and experts
-    resident compressed per group fits the device (``fits(slots_min, 0)`` must hold);
+    ``fits(slots, resident)`` says whether a plan with that many decoded slots per group and
+    experts resident compressed in all (resident_experts) fits the device
+    (``fits(slots_min, 0)`` must hold);
     ``bound(slots, resident)`` is that plan's seconds_bound. ``compressed``: residency of
     compressed experts is possible and pays (blocks are copied, weights keep their size).
     """
     most = max(g.experts for g in groups)
+    most_resident = sum(g.experts for g in groups)
 
     def more_slots(slots: int, resident: int) -> int:
         more = _furthest(lambda p: fits(p, resident), slots, most)
@@ -206,14 +213,14 @@ def choose_cache(
     def more_resident(slots: int, resident: int) -> int:
         if not compressed:
             return resident
-        more = _furthest(lambda c: fits(slots, c), resident, most)
+        more = _furthest(lambda c: fits(slots, c), resident, most_resident)
         return more if bound(slots, more) < bound(slots, resident) else resident
 
     # decoded: as many slots as fit, then the room left on residents
     slots = _furthest(lambda p: fits(p, 0), slots_min, most)
     choices = [CacheChoice(slots, more_resident(slots, 0), DECODED)]
     if compressed:  # compressed: as many residents as fit beside the smallest pools, then slots
-        resident = _furthest(lambda c: fits(slots_min, c), 0, most)
+        resident = _furthest(lambda c: fits(slots_min, c), 0, most_resident)
         choices.append(CacheChoice(more_slots(slots_min, resident), resident, COMPRESSED))
     # min keeps the first of equals: decoded on ties
     return min(choices, key=lambda c: bound(c.slots, c.resident))

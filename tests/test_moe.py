@@ -258,3 +258,47 @@ def test_experts_in_a_module_list_are_routed_blocks_too():
     order = model.neuzip.executor.order
     names = [model.neuzip.plan.blocks[i].name for i in order]
     assert not any(".experts." in n for n in names)  # experts never join the recorded order
+
+
+def test_target_bits_chooses_k_per_expert():
+    plain = tiny_moe("mixtral", layers=2)
+    model = nzo.dispatch(
+        copy.deepcopy(plain),
+        device="cpu",
+        codec="zstd",
+        mode="lossy",
+        target_bits=7.0,
+        progress=False,
+    )
+    ks = model.neuzip.mantissa_bits
+    experts = {k: v for k, v in ks.items() if ".experts." in k}
+    assert len(experts) == 2 * 2 * 8  # a width for every expert of both fused tensors
+    assert "model.layers.0.mlp.experts.gate_up_proj[5]" in experts
+    for key, k in experts.items():
+        header = model.neuzip.compressed[key].header
+        assert (header.mode, header.mantissa_bits) == ("lossy", k) if k is not None else True
+    assert model.neuzip.plan.bits_per_weight <= 7.0 + 1e-3
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    twin = copy.deepcopy(plain)
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, twin(ids).logits)
+
+
+def test_speculation_saves_on_demand_fetches_and_changes_no_token():
+    """The next layer's router on this layer's input guesses its experts: fetched ahead, they
+    are found decoded when routed (misses avoided), and the tokens stay the same."""
+    plain = tiny_mixtral(layers=4)
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(5))
+    runs = {}
+    for speculate in (False, True):
+        model = _dispatch(copy.deepcopy(plain), share=0.5, speculate=speculate)
+        with torch.no_grad():
+            tokens = model.generate(ids, max_new_tokens=16, do_sample=False)
+        runs[speculate] = (tokens, model.neuzip.stats["experts"])
+    assert torch.equal(runs[True][0], runs[False][0])
+    off, on = runs[False][1], runs[True][1]
+    assert on["uses"] == off["uses"]
+    assert on["misses_avoided"] > 0 and on["fetches"] < off["fetches"]
+    assert 0 < on["guessed_right"] <= min(on["guessed"], on["uses"])
+    assert off["guessed"] == off["prefetched"] == 0

@@ -100,8 +100,12 @@ def test_mixtral_8x7b_per_token_bound_on_a_24gb_gpu(bits, seconds, speculate):
 def test_mixtral_k3_keeps_experts_resident_compressed_in_the_room_left():
     plan = make_plan(mixtral(6.6), mixtral_options())
     routed = [t for b, t in zip(plan.blocks, plan.tiers, strict=True) if b.routed]
-    # the same number of experts of every layer, the first ones
-    assert routed.count(DEVICE_COMPRESSED) % 32 == 0 and routed.count(DEVICE_COMPRESSED) > 0
+    # experts dealt round-robin: every layer's first ones, counts differ by at most one
+    assert routed.count(DEVICE_COMPRESSED) > 0
+    per_group = [
+        sum(plan.tiers[i] == DEVICE_COMPRESSED for i in g.members) for g in plan.expert_groups
+    ]
+    assert max(per_group) - min(per_group) <= 1
     first = plan.expert_groups[0]
     assert plan.tier_of("model.layers.0.mlp.experts[0]") == DEVICE_COMPRESSED
     assert plan.tier_of(plan.blocks[first.members[-1]].name) == HOST
