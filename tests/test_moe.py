@@ -302,3 +302,32 @@ def test_speculation_saves_on_demand_fetches_and_changes_no_token():
     assert on["misses_avoided"] > 0 and on["fetches"] < off["fetches"]
     assert 0 < on["guessed_right"] <= min(on["guessed"], on["uses"])
     assert off["guessed"] == off["prefetched"] == 0
+
+
+def test_expert_fetches_and_guesses_are_stream_ordered(monkeypatch):
+    """Under the stream-order checker, with copies as on CUDA (host → staging → expert slot),
+    routed fetches and speculative ones reuse slots only after their last reader is done."""
+    import dataclasses
+
+    from neuzip_offload import backend, planning
+
+    plan_options = planning.plan_options
+    monkeypatch.setattr(
+        planning,
+        "plan_options",
+        lambda *a, **k: dataclasses.replace(plan_options(*a, **k), copies=True),
+    )
+    plain = tiny_mixtral(layers=3)
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = plain(ids).logits
+    model = _dispatch(copy.deepcopy(plain), share=0.5)
+    ex = model.neuzip.executor
+    assert ex.copies and ex.plan.expert_shared_slots == 3
+    with backend.checking() as chk, torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(ids).logits, ref)
+            model(ids[:1, :1])  # a decode-sized step: few experts, guesses in flight
+    s = model.neuzip.stats["experts"]
+    assert s["fetches"] > 0 and s["prefetched"] > 0 and ex.stats.copied_bytes > 0
+    assert chk.checked >= 4 * ex.stats.fetches
