@@ -51,17 +51,19 @@ def _dispatch(model, share: float = 0.4, **kw):
 
 
 @pytest.mark.parametrize(
-    "kind, speculate, impl",
+    "kind, speculate, impl, share, pools",
     [
-        ("mixtral", True, "grouped_mm"),
-        ("mixtral", False, "eager"),
-        ("qwen2_moe", True, "eager"),
-        ("qwen2_moe", False, "grouped_mm"),
+        ("mixtral", True, "grouped_mm", 0.4, True),
+        ("mixtral", False, "eager", 0.4, True),
+        ("qwen2_moe", True, "eager", 0.4, False),  # no pool: the shared working slots only
+        ("qwen2_moe", False, "grouped_mm", 0.4, False),
+        ("qwen2_moe", True, "grouped_mm", 0.8, True),
     ],
 )
-def test_lossless_moe_is_bit_identical_at_40_percent(kind, speculate, impl):
+def test_lossless_moe_is_bit_identical(kind, speculate, impl, share, pools):
     """The model's own experts implementation (grouped_mm is transformers' default on this
-    machine, eager the loop) is what the dispatched model reproduces, bit for bit."""
+    machine, eager the loop) is what the dispatched model reproduces, bit for bit: with and
+    without an expert cache (a pool per layer), with and without speculation."""
     plain = tiny_moe(kind)
     plain.config._experts_implementation = impl
     ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(1))
@@ -70,7 +72,8 @@ def test_lossless_moe_is_bit_identical_at_40_percent(kind, speculate, impl):
         ref_tokens = plain.generate(ids[:1], max_new_tokens=6, do_sample=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "stays uncompressed" warning any more
-        model = _dispatch(copy.deepcopy(plain), speculate=speculate)
+        model = _dispatch(copy.deepcopy(plain), share=share, speculate=speculate)
+    assert (model.neuzip.plan.expert_slots > 0) == pools
     tiers = {
         b.name: t for b, t in zip(model.neuzip.plan.blocks, model.neuzip.plan.tiers, strict=True)
     }
