@@ -334,3 +334,22 @@ def test_expert_fetches_and_guesses_are_stream_ordered(monkeypatch):
     s = model.neuzip.stats["experts"]
     assert s["fetches"] > 0 and s["prefetched"] > 0 and ex.stats.copied_bytes > 0
     assert chk.checked >= 4 * ex.stats.fetches
+
+
+def test_a_dispatched_moe_saves_both_ways(tmp_path):
+    """save_compressed → nzo.load, and save_pretrained → transformers' own from_pretrained:
+    logits bit-identical to the plain model's."""
+    import transformers
+
+    plain = tiny_moe("qwen2_moe")
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = plain(ids).logits
+    model = _dispatch(copy.deepcopy(plain), share=0.5)
+    nzo.save_compressed(model, tmp_path / "nz")
+    loaded = nzo.load(tmp_path / "nz", max_gpu_mem=10**8, device="cpu", progress=False)
+    model.save_pretrained(tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
+        assert torch.equal(hf(ids).logits, ref)
