@@ -290,7 +290,10 @@ def estimate_reserve(model: nn.Module, seq_len: int = 1024, batch: int = 1) -> i
 
     KV cache: 2 x layers x kv_heads x head_dim x tokens; activations: hidden states, attention
     and MLP intermediates of one layer (4 x hidden + 3 x intermediate per token); logits of the
-    last position in fp32. 0 when the model has no transformers-style config.
+    last position in fp32; for mixture-of-experts models run by a grouped implementation
+    (grouped_mm, transformers' default), the routed experts' weights that CompressedExperts
+    stacks for it (all of one layer's experts at this many tokens). 0 when the model has no
+    transformers-style config.
     """
     cfg = getattr(model, "config", None)
     if cfg is None:
@@ -320,7 +323,23 @@ def estimate_reserve(model: nn.Module, seq_len: int = 1024, batch: int = 1) -> i
     tokens = batch * seq
     kv = 2 * layers * kv_heads * head_dim * tokens * dtype_bytes
     act = tokens * (4 * hidden + 3 * inter) * dtype_bytes
-    return int(kv + act + batch * vocab * 4)
+    return int(kv + act + batch * vocab * 4 + _stacked_experts(model, tokens))
+
+
+def _stacked_experts(model: nn.Module, tokens: int) -> int:
+    """Bytes of the routed experts' weights one MoE layer stacks for a grouped experts
+    implementation (modules.CompressedExperts; the eager loop stacks nothing)."""
+    most = 0
+    for m in model.modules():
+        params = expert_params(m)
+        routing = routing_of(m) if params is not None else None
+        impl = getattr(getattr(m, "config", None), "_experts_implementation", None)
+        if routing is None or impl in (None, "eager"):
+            continue
+        top_k, n = routing
+        per_expert = sum(getattr(m, a).nbytes for a in params) // n
+        most = max(most, min(n, top_k * tokens) * per_expert)
+    return most
 
 
 # ---------------------------------------------------------------------------------------------

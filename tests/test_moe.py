@@ -353,3 +353,17 @@ def test_a_dispatched_moe_saves_both_ways(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, ref)
         assert torch.equal(hf(ids).logits, ref)
+
+
+def test_the_reserve_holds_the_experts_a_grouped_implementation_stacks():
+    model = tiny_moe("mixtral")
+    experts = model.model.layers[0].mlp.experts
+    one_layer = experts.gate_up_proj.nbytes + experts.down_proj.nbytes  # all 8 experts
+    model.config._experts_implementation = "grouped_mm"
+    grouped = nzo.estimate_reserve(model)
+    model.config._experts_implementation = "eager"  # the copy-free loop stacks nothing
+    assert grouped - nzo.estimate_reserve(model) == one_layer
+    # one token (a decode step) routes to top-2 of 8
+    eager_one = nzo.estimate_reserve(model, seq_len=1)
+    model.config._experts_implementation = "grouped_mm"
+    assert nzo.estimate_reserve(model, seq_len=1) - eager_one == one_layer * 2 // 8  # top-2
