@@ -337,3 +337,23 @@ def test_gpu_check_train_section_runs_on_the_cpu_backend(monkeypatch):
     assert rows["1B train step, budget the planner's minimum: speed vs plain fused"][0].endswith(
         "x"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/codec_model.py: the SASS-read performance model, one arch and one kernel
+# ---------------------------------------------------------------------------------------------
+
+
+def test_codec_model_quick_reads_the_decoder_sass(capsys):
+    codec_model = _script("codec_model")
+    if codec_model.cuobjdump() is None:
+        pytest.skip("cuobjdump is not shipped with this triton")
+    assert codec_model.main(["--quick", "--baseline", ""]) == 0
+    out = capsys.readouterr().out
+    assert "MODEL" in out and "L2 270" in out  # labelled, assumptions printed
+    row = next(ln for ln in out.splitlines() if ln.startswith("| sm_90 | _decode_kernel"))
+    instructions = int(row.split("|")[3].replace(",", ""))
+    assert 20 <= instructions <= 400  # the step loop was found
+    rates = [ln for ln in out.splitlines() if ln.startswith("| sm_90 (H100")]
+    assert [r.split("|")[2].strip() for r in rates] == ["Llama-3-8B layer", "lone k_proj"]
+    assert all(float(r.split("|")[6].split()[0].replace(",", "")) > 0 for r in rates)
