@@ -357,3 +357,28 @@ def test_codec_model_quick_reads_the_decoder_sass(capsys):
     rates = [ln for ln in out.splitlines() if ln.startswith("| sm_90 (H100")]
     assert [r.split("|")[2].strip() for r in rates] == ["Llama-3-8B layer", "lone k_proj"]
     assert all(float(r.split("|")[6].split()[0].replace(",", "")) > 0 for r in rates)
+
+
+# benchmarks/moe.py: the issue-11 table at tiny sizes (--quick), the Mixtral-8x7B plans included
+# ---------------------------------------------------------------------------------------------
+
+
+def test_moe_benchmark_prints_the_table_at_tiny_sizes(capsys):
+    moe = _script("moe")
+    assert moe.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    for kind in moe.KINDS:
+        assert f"### {kind}:" in out
+    assert out.count("| logits bit-identical, batch 1 | yes | yes | yes |") == 2
+    assert out.count("| greedy tokens identical (4 new, batch 1, every repeat) | yes | yes |") == 2
+    assert "**NO**" not in out
+    assert "guess_accuracy = guessed_right / guessed" in out
+    assert "## Mixtral-8x7B plan (46.70B parameters" in out
+    assert "| lossless | " in out and "| lossy k=3 | " in out
+
+
+def test_moe_benchmark_rejects_an_unknown_model(capsys):
+    moe = _script("moe")
+    with pytest.raises(SystemExit):
+        moe.parse_args(["--models", "mixtral,dbrx"])
+    assert "unknown ['dbrx']" in capsys.readouterr().err
