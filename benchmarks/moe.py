@@ -211,6 +211,9 @@ def measure_model(kind: str, a: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(a.seed + 1)
     ids = torch.randint(0, a.vocab, (a.batch, a.prompt), generator=gen)
     ours = {}
+    # the reserve for activations, KV cache and stacked experts at the lengths this run uses
+    # (the default estimate assumes 1024 tokens, most of these tiny models' budget)
+    reserve = nzo.estimate_reserve(plain, seq_len=a.prompt + a.new_tokens, batch=a.batch)
     for speculate in (True, False):
         t = time.perf_counter()
         model = nzo.dispatch(
@@ -218,6 +221,7 @@ def measure_model(kind: str, a: argparse.Namespace) -> None:
             max_gpu_mem=int(a.share * size),
             device="cpu",
             codec="zstd",
+            reserve=reserve,
             speculate=speculate,
             progress=False,
         )
@@ -427,7 +431,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--models: unknown {unknown}")
     a.models = kinds
     if a.quick:
-        a.hidden, a.intermediate, a.layers, a.vocab = 64, 128, 2, 256
+        a.hidden, a.intermediate, a.layers, a.vocab = 64, 128, 4, 256
         a.prompt, a.new_tokens, a.batch, a.repeats = 6, 4, 2, 1
     return a
 
