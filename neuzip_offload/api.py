@@ -77,7 +77,7 @@ def dispatch(
     calibration: Sequence[torch.Tensor] | None = None,
     max_cpu_mem: int | str | None = None,
     prefetch: int = 2,
-    speculate: bool = True,
+    speculate: bool | None = None,
     reserve: int | str | None = "auto",
     device: torch.device | str | None = None,
     codec: str | None = None,
@@ -107,7 +107,8 @@ def dispatch(
     prefetch: blocks copied and decoded ahead of the running one.
     speculate: mixture-of-experts models: while a MoE layer runs, the next layer's router
         applied to its input guesses the experts the next layer needs, fetched ahead (a wrong
-        guess costs bandwidth, never a result).
+        guess costs bandwidth, never a result). Default (None): on CUDA, where the fetch
+        overlaps compute; off on the CPU, where it would not.
     reserve: device bytes kept for activations and KV cache ("auto": estimated from the config).
     device: where the model runs (default: CUDA if present, else the CPU).
     checkpoint: a Hugging Face safetensors directory to fill a model built on the meta device,
@@ -200,7 +201,7 @@ def plan_model(
     bits_per_weight: float | None = None,
     max_cpu_mem: int | str | None = None,
     prefetch: int = 2,
-    speculate: bool = True,
+    speculate: bool | None = None,
     reserve: int | str | None = "auto",
     device: torch.device | str = "cuda",
     pcie_gbps: float = 25.0,
@@ -259,7 +260,7 @@ def load(
     adapter: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
     prefetch: int = 2,
-    speculate: bool = True,
+    speculate: bool | None = None,
     reserve: int | str | None = "auto",
     pcie_gbps: float = 25.0,
     disk_gbps: float = 3.0,

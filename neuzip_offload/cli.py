@@ -409,6 +409,7 @@ def _parser() -> argparse.ArgumentParser:
         "--no-speculate",
         dest="speculate",
         action="store_false",
+        default=None,
         help="mixture-of-experts models: no working slots for guessed experts",
     )
     p.add_argument(

@@ -117,7 +117,8 @@ class DispatchOptions:
     granularity: str = "auto"
     progress: bool = True
     log_events: bool = True
-    speculate: bool = True  # experts guessed for the next MoE layer are fetched ahead
+    # experts guessed for the next MoE layer are fetched ahead (resolved: on CUDA only)
+    speculate: bool = True
 
     @classmethod
     def build(
@@ -141,7 +142,7 @@ class DispatchOptions:
         progress: bool = True,
         log_events: bool = True,
         target_only: bool = False,
-        speculate: bool = True,
+        speculate: bool | None = None,
     ) -> DispatchOptions:
         """Validate the user's arguments. ``target_only``: ``device`` only names the target of a
         plan (plan_model), so it need not be present; it defaults to CUDA then.
@@ -149,8 +150,8 @@ class DispatchOptions:
         max_gpu_mem, device = _one_gpu(max_gpu_mem, device)
         if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
             raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
-        if not isinstance(speculate, bool):
-            raise ValueError(f"speculate must be True or False, got {speculate!r}")
+        if speculate is not None and not isinstance(speculate, bool):
+            raise ValueError(f"speculate must be True, False or None, got {speculate!r}")
         if target_bits is not None:
             if mode != "lossy":
                 raise ValueError("target_bits chooses lossy mantissa widths: pass mode='lossy'")
@@ -191,7 +192,9 @@ class DispatchOptions:
             device_bytes=device_budget(max_gpu_mem, dev),
             host_bytes=host,
             prefetch=prefetch,
-            speculate=speculate,
+            # a guess pays where its copy and decode overlap compute (side streams); on the CPU
+            # backend decoding happens at request time, so a wrong guess is pure extra work
+            speculate=dev.type == "cuda" if speculate is None else speculate,
             reserve=reserve,
             pcie_gbps=pcie,
             disk_gbps=disk,

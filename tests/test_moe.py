@@ -92,6 +92,8 @@ def test_experts_are_blocks_and_almost_nothing_stays_plain(kind):
     plain = tiny_moe(kind)
     total = sum(p.numel() for p in plain.parameters())
     model = _dispatch(copy.deepcopy(plain))
+    # speculation is on where fetches overlap compute (CUDA), off on the CPU by default
+    assert not model.neuzip.plan.options.speculate
     left = sum(p.numel() for p in model.parameters())  # what stays an nn.Parameter
     assert left / total < 0.10
     names = [b.name for b in model.neuzip.plan.blocks]
@@ -324,7 +326,7 @@ def test_expert_fetches_and_guesses_are_stream_ordered(monkeypatch):
     ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         ref = plain(ids).logits
-    model = _dispatch(copy.deepcopy(plain), share=0.5)
+    model = _dispatch(copy.deepcopy(plain), share=0.5, speculate=True)
     ex = model.neuzip.executor
     assert ex.copies and ex.plan.expert_shared_slots == 3
     with backend.checking() as chk, torch.no_grad():
