@@ -425,8 +425,9 @@ class Executor:
         self.experts.routed_now(blocks)
 
     def speculate(self, blocks: list[int]) -> None:
-        """Fetch these expert blocks ahead (guessed for the next MoE layer), into free or least
-        recently used slots of their pool, never evicting a running block or a guess."""
+        """Fetch these expert blocks ahead (guessed for the next MoE layer) into free or least
+        recently used shared working slots, never evicting a layer's pool (the cache), a running
+        block or a guess."""
         if not blocks:
             return
         xp = self.experts
@@ -439,7 +440,8 @@ class Executor:
             if blk.tier == DISK:
                 xp.add_guess(b, False, 0)
                 continue  # the disk reader serves the recorded order; a guess does not wait
-            s = self._claim_slot([], required=False, group=xp.pool[b])
+            # into the shared working slots only: a wrong guess must not evict the cache
+            s = self._claim_slot([], required=False, group=SHARED)
             if s is None:
                 xp.add_guess(b, False, 0)
                 continue
@@ -455,7 +457,7 @@ class Executor:
         event guards reuse). For an expert: an empty slot, else the least recently used one,
         sparing the experts guessed for the next layer."""
         keep = set(protect) | set(self._entered) | self.experts.spared()
-        mine = {group, SHARED} if group is not None else {None}
+        mine = {group, SHARED} if group not in (None, SHARED) else {group}
         pool = [i for i, s in enumerate(self._slots) if s.group in mine and s.in_use == 0]
         free = [i for i in pool if self._slots[i].block not in keep]
         if not free:
