@@ -9,7 +9,7 @@ One call on a lent H100/H200 (torch and triton preinstalled; zstandard is carrie
    .gpu/ (git-ignored) then holds the zstandard wheel (cp312, manylinux x86_64) and
    minilm_part.safetensors, a few real MiniLM weight matrices as bf16.
 
-2. There, with the device tool: carry [".gpu"], timeout_s 420, command:
+2. There, with the device tool: carry [".gpu"], timeout_s 540, command:
 
        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
          --target /tmp/site .gpu/*.whl && export PYTHONPATH=/tmp/site && \
@@ -22,14 +22,17 @@ One call on a lent H100/H200 (torch and triton preinstalled; zstandard is carrie
 
    Time, estimated for an H200 host (16 cores; not yet measured): machine start 1-2 min, the
    installs ~0.5, kernels ~2 (~130 first compiles, the CPU rANS encoder and lossy references),
-   timings ~0.5, dispatch ~1.5 (one model build, 3 dispatches, accelerate), train ~1: about
-   5.5 min in the run, under the 7 of timeout_s; with start-up ~8 of the 15 minutes of device
-   time, which leaves a rerun of the failed sections. Each section prints its elapsed seconds.
+   timings ~0.5, dispatch ~1.5 (one model build, 3 dispatches, accelerate), train ~1, moe ~2
+   (a model built on the device, 2 dispatches): about 7.5 min in the run, under the 9 of
+   timeout_s; with start-up ~10 of the 15 minutes of device time, which leaves a rerun of a
+   failed section. Each section prints its elapsed seconds.
 
 It prints one table (check | result | note) row by row and writes the same table as markdown to
 $OUT/gpu_check.md (or --out) after every row, so the rows come back even if the run is cut off.
 The first failed check stops the run with exit status 1, after its row (FAILED, naming the
-kernel or the check) and the traceback are printed and written. Rows, by section:
+kernel or the check) and the traceback are printed and written; moe, the last section, writes
+a FAILED row per failed check or crashed dispatch, measures on, and fails at its end. Rows, by
+section:
 
 - kernels: split/merge (bf16, fp16, fp32), lossy split/merge (k = 0..7, with and without block
   normalization), pack_bits, the rANS LUT and decode kernels (lossless and lossy), the device
@@ -46,11 +49,18 @@ kernel or the check) and the traceback are printed and written. Rows, by section
   against plain bf16.
 - train: dispatch(trainable=True) at 25% of the size: s/step and peak / budget (must be <= 1)
   through dispatch + steps, against the same fused SGD on plain bf16 weights.
+- moe (a ~1.7B random Mixtral, 8 experts top-2, built on the device): lossless (rANS) at 40% of
+  its size, so that the experts stream, with and without speculative prefetch: logits (batch
+  2) and 16 greedy tokens (batch 1) identical to the plain model's; greedy decode s/token
+  against the plan's per-token bound at the measured PCIe rate (goal <= 1.2x); per decode
+  step the experts used, found decoded, fetched, the guesses' accuracy and the misses they
+  saved; peak max_memory_allocated / budget (must be <= 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import importlib.metadata
@@ -63,10 +73,14 @@ import time
 import traceback
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from neuzip_offload.scheduler.plan import Plan
 
 REAL_WEIGHTS = "minilm_part.safetensors"
 TABLE_NAME = "gpu_check.md"
@@ -703,11 +717,11 @@ def _forward_seconds(model: torch.nn.Module, batch: int, dev: torch.device, repe
         return cuda_time(one, repeat=repeat)
 
 
-def _generate(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """64 greedy new tokens (exactly 64: no early stop)."""
+def _generate(model: torch.nn.Module, ids: torch.Tensor, new: int = 64) -> torch.Tensor:
+    """``new`` greedy new tokens (exactly ``new``: no early stop)."""
     with torch.no_grad():
         return model.generate(
-            ids, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0
+            ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
         ).cpu()
 
 
@@ -896,6 +910,326 @@ def section_train(ctx: Context, steps: int = 2) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# section: moe, a ~1.7B Mixtral built on the device whose experts are fetched when routed
+# ---------------------------------------------------------------------------------------------
+
+MOE_EXPERTS, MOE_TOP_K = 8, 2
+MOE_SHARE = 0.4  # the budget: this share of the model's bf16 bytes, so that experts stream
+
+
+@dataclass(frozen=True)
+class MoeSize:
+    """The MoE section's Mixtral and run lengths: MOE_2B on a GPU, MOE_TINY for the CPU test."""
+
+    label: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    prompt: int  # tokens per row of the batch-2 prompt (the decode prompt is its first row)
+    new_tokens: int  # greedy tokens compared with the plain model's
+    timed_tokens: int  # decode steps per timed run
+    runs: int  # timed runs, after one warm-up run
+    codec: str = "ans"  # the GPU's; the CPU test takes zstd, the CPU's (rANS costs 10x there)
+    reserve: int | str = "auto"  # dispatch's reserve (the tiny model's "auto" is most of it)
+
+
+# 16 x 8 experts of 3 x 2048 x 1792 weights: 1.41B in experts, 1.71B in all, 3.4 GB of bf16
+MOE_2B = MoeSize("2B MoE", 2048, 1792, 16, 16, 4, VOCAB, 32, 16, 32, 3)
+MOE_TINY = MoeSize("tiny MoE", 64, 128, 3, 4, 2, 256, 8, 6, 4, 1, codec="zstd", reserve="32KiB")
+
+
+def _mixtral(size: MoeSize, dev: torch.device) -> torch.nn.Module:
+    """A transformers Mixtral (8 experts, top 2) built on ``dev`` in bf16 as from_pretrained
+    builds it (the rotary buffers stay fp32); matrices N(0, 0.02) from a seeded generator on
+    ``dev``, norms 1. Nothing is downloaded."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        num_local_experts=MOE_EXPERTS,
+        num_experts_per_tok=MOE_TOP_K,
+        vocab_size=size.vocab,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    with torch.device(dev):
+        model = MixtralForCausalLM._from_config(cfg, dtype=torch.bfloat16).to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:  # matrices, fused [experts, rows, cols] tensors, the router
+                p.normal_(0.0, 0.02, generator=g)
+            else:  # Mixtral's 1-D parameters are its RMSNorm weights
+                p.fill_(1.0)
+    return model.eval().requires_grad_(False)
+
+
+class ExpertCounts:
+    """A dispatched MoE model's expert counters summed over the spans run inside ``with``
+    (decode steps, not their prompt's forward). The counters are host-side: no sync to read."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.executor = model.neuzip.executor
+        self.forwards = 0
+        self.total: dict[str, int] = {}
+        self._start: tuple[int, dict[str, int]] | None = None
+
+    def _now(self) -> tuple[int, dict[str, int]]:
+        return self.executor.stats.forwards, asdict(self.executor.experts.stats)
+
+    def __enter__(self) -> ExpertCounts:
+        self._start = self._now()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        (f0, s0), (f1, s1) = self._start, self._now()
+        self.forwards += f1 - f0
+        for k, v in s1.items():
+            self.total[k] = self.total.get(k, 0) + v - s0[k]
+
+    def report(self) -> dict[str, float]:
+        """ExpertStats.report over the spans: the counters, per forward (= per decode step)."""
+        from neuzip_offload.scheduler.experts import ExpertStats
+
+        return ExpertStats(**self.total).report(self.forwards)
+
+
+def _decode_run(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    steps: int,
+    counts: ExpertCounts | None = None,
+) -> float:
+    """Wall seconds per greedy decode step, ``steps`` steps (KV cache) after the prompt ``ids``;
+    the steps alone are timed, up to a device sync (each token stays on the device)."""
+    from transformers import DynamicCache
+
+    from neuzip_offload.evaluate import cache_keyword
+
+    key = cache_keyword(model)
+    cache = DynamicCache()
+    with torch.no_grad():
+        nxt = model(ids, use_cache=True, **{key: cache}).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        with counts if counts is not None else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                nxt = model(nxt, use_cache=True, **{key: cache}).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            return (time.perf_counter() - t0) / steps
+
+
+def _decode_seconds(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    size: MoeSize,
+    counts: ExpertCounts | None = None,
+) -> float:
+    """Median s/token over ``size.runs`` decode runs after a warm-up run (not counted)."""
+    _decode_run(model, ids, size.timed_tokens)
+    runs = [_decode_run(model, ids, size.timed_tokens, counts) for _ in range(size.runs)]
+    return statistics.median(runs)
+
+
+def _check_row(
+    report: Report, failed: list[str], what: str, ok: bool, good: str, note: str
+) -> None:
+    """A check's row: ``good`` if it holds, else FAILED (noted in ``failed``; the section goes
+    on measuring and fails at its end)."""
+    report.row(what, good if ok else "FAILED", note)
+    if not ok:
+        failed.append(f"{what}: {note}")
+
+
+@dataclass
+class MoeReference:
+    """The plain model's results a dispatched one must reproduce, and its decode time."""
+
+    ids: torch.Tensor  # [2, prompt] on the device
+    logits: torch.Tensor  # of ids, on the host
+    tokens: torch.Tensor  # greedy, of ids[:1], on the host
+    seconds: float  # s/token of the plain model's greedy decode
+
+
+def section_moe(ctx: Context, size: MoeSize = MOE_2B) -> None:
+    """A Mixtral built on the device; lossless at MOE_SHARE of its bf16 bytes (rANS), with and
+    without speculative prefetch: logits (batch 2) and greedy tokens (batch 1) bit-identical to
+    the plain model's, s/token against the plan's per-token bound at the measured PCIe rate,
+    the expert counters per decode step, the device peak against the budget. A failed check
+    or a crashed dispatch is a FAILED row; the section measures on and fails at its end."""
+    report, dev = ctx.report, ctx.dev
+    t0 = time.perf_counter()
+    plain = _mixtral(size, dev)
+    nbytes = param_bytes(plain)
+    n = sum(p.numel() for p in plain.parameters())
+    impl = getattr(plain.config, "_experts_implementation", None)
+    report.row(
+        f"{size.label} built on the device, s",
+        f"{time.perf_counter() - t0:.1f}",
+        f"{n / 1e9:.3f}B parameters, {nbytes / 1e9:.2f} GB bf16: {size.layers} layers, hidden "
+        f"{size.hidden}, {MOE_EXPERTS} experts of intermediate {size.intermediate}, top "
+        f"{MOE_TOP_K}; experts implementation {impl}",
+    )
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, size.vocab, (2, size.prompt), generator=g).to(dev)
+    with torch.no_grad():
+        logits = plain(ids).logits.cpu()
+    tokens = _generate(plain, ids[:1], size.new_tokens)
+    ref = MoeReference(ids, logits, tokens, _decode_seconds(plain, ids[:1], size))
+    report.row(
+        f"{size.label} plain bf16 on the device: s/token",
+        f"{ref.seconds:.4f}",
+        f"greedy decode, median of {size.runs} runs of {size.timed_tokens} tokens",
+    )
+    base = plain.to("cpu")  # each dispatch compresses a copy of this host model
+    del plain
+    free_cuda()
+    failed: list[str] = []
+    for speculate in (True, False):
+        what = f"{size.label}, lossless {MOE_SHARE:.0%}, speculate {'on' if speculate else 'off'}"
+        try:
+            _moe_dispatch(ctx, size, base, ref, speculate, what, failed)
+        except Exception as e:  # a crash is this variant's FAILED row; the next one still runs
+            report.fail(what, e)
+            failed.append(f"{what}: {type(e).__name__}: {e}")
+        free_cuda()
+    del base
+    if failed:
+        raise CheckError(f"{len(failed)} MoE checks failed: " + "; ".join(failed))
+
+
+def _moe_dispatch(
+    ctx: Context,
+    size: MoeSize,
+    base: torch.nn.Module,
+    ref: MoeReference,
+    speculate: bool,
+    what: str,
+    failed: list[str],
+) -> None:
+    """One dispatch of ``base`` (a copy) and its rows."""
+    import neuzip_offload as nzo
+
+    report, dev = ctx.report, ctx.dev
+    budget = int(MOE_SHARE * param_bytes(base))
+    pcie = ctx.pcie_gbps()  # the planner's rate: its bound is this machine's
+    free_cuda()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model = nzo.dispatch(
+        copy.deepcopy(base),
+        max_gpu_mem=budget,
+        codec=size.codec,
+        speculate=speculate,
+        reserve=size.reserve,
+        device=dev,
+        pcie_gbps=pcie,
+        progress=False,
+    )
+    t_dispatch = time.perf_counter() - t0
+    plan = model.neuzip.plan
+    routed = [t for b, t in zip(plan.blocks, plan.tiers, strict=True) if b.routed]
+    plain_left = sum(p.numel() for p in model.parameters()) / sum(
+        p.numel() for p in base.parameters()
+    )
+    report.row(
+        f"{what}: dispatch, s",
+        f"{t_dispatch:.1f}",
+        f"budget {budget / 1e9:.3f} GB; experts' tiers "
+        f"{dict(sorted((t, routed.count(t)) for t in set(routed)))}; cache "
+        f"{plan.expert_cache or 'none'}, {plan.expert_slots} slots per layer + "
+        f"{plan.expert_shared_slots} shared; plain parameters left {plain_left:.3f} (goal < 0.1)",
+    )
+    with torch.no_grad():
+        logits = model(ref.ids).logits.cpu()
+    diff = first_difference(logits, ref.logits)
+    _check_row(
+        report,
+        failed,
+        f"{what}: logits, batch 2 x {size.prompt}",
+        diff is None,
+        "bit-identical",
+        diff or "== the plain model's",
+    )
+    tokens = _generate(model, ref.ids[:1], size.new_tokens)
+    diff = first_difference(tokens, ref.tokens)
+    _check_row(
+        report,
+        failed,
+        f"{what}: {size.new_tokens} greedy tokens, batch 1",
+        diff is None,
+        "identical",
+        diff or "== the plain model's",
+    )
+    counts = ExpertCounts(model)
+    t = _decode_seconds(model, ref.ids[:1], size, counts)
+    peak = torch.cuda.max_memory_allocated()
+    held = model.neuzip.stats["peak_held_bytes"]
+    bound, o = plan.seconds_bound(), plan.options
+    report.row(
+        f"{what}: s/token, greedy decode",
+        f"{t:.4f}",
+        f"median of {size.runs} runs of {size.timed_tokens} tokens; plain bf16 "
+        f"{ref.seconds:.4f} ({t / ref.seconds:.1f}x)",
+    )
+    ratio = t / bound if bound > 0 else float("inf")
+    report.row(
+        f"{what}: s/token / the plan's per-token bound",
+        f"{ratio:.2f}x",
+        f"goal <= 1.2 ({'met' if ratio <= 1.2 else 'missed'}); bound {bound * 1e3:.2f} ms, the "
+        f"slower of PCIe {plan.pcie_bytes_per_forward / 1e6:.1f} MB at {o.pcie_gbps:.1f} GB/s "
+        f"({plan.seconds_lower_bound() * 1e3:.2f} ms) and decoding "
+        f"{plan.decoded_bytes_per_forward / 1e6:.1f} MB at {o.decode_gbps:.1f} GB/s "
+        f"({plan.seconds_decoding() * 1e3:.2f} ms, {o.decode_source or 'the default rate'})",
+    )
+    _expert_rows(report, what, plan, counts, speculate)
+    _check_row(
+        report,
+        failed,
+        f"{what}: peak max_memory_allocated / budget, dispatch + forwards",
+        peak <= budget,
+        f"{peak / budget:.3f}",
+        f"{peak / 1e9:.3f} GB of {budget / 1e9:.3f} GB ({start / 1e6:.1f} MB allocated before); "
+        f"the executor's accounting: {held / budget:.3f}",
+    )
+    del model
+
+
+def _expert_rows(
+    report: Report, what: str, plan: Plan, counts: ExpertCounts, speculate: bool
+) -> None:
+    """The expert counters per decode step, beside what the plan expects."""
+    s, f = counts.report(), max(counts.forwards, 1)
+    expert_bytes = sum(b.decoded_bytes for b in plan.blocks if b.routed)
+    share = s["decoded_bytes_per_forward"] / expert_bytes if expert_bytes else 0.0
+    report.row(
+        f"{what}: expert hit rate, decode steps",
+        f"{s['hit_rate']:.3f}",
+        f"per step {s['uses_per_forward']:.1f} uses, {s['hits_per_forward']:.1f} hits, "
+        f"{s['fetches_per_forward']:.1f} fetched on demand; decoded "
+        f"{s['decoded_bytes_per_forward'] / 1e6:.1f} MB = {share:.3f} of all expert bytes "
+        f"(top {MOE_TOP_K} of {MOE_EXPERTS}: {MOE_TOP_K / MOE_EXPERTS:.3f} + misses); the plan "
+        f"expects hit rate {plan.expert_hit_rate:.3f}; {counts.forwards} steps",
+    )
+    if speculate:
+        report.row(
+            f"{what}: guess accuracy (guessed experts then routed)",
+            f"{s['guess_accuracy']:.3f}",
+            f"recall {s['guess_recall']:.3f} (routed experts guessed); per step "
+            f"{s['guessed'] / f:.1f} guessed, {s['prefetched'] / f:.1f} fetched ahead, "
+            f"{s['misses_avoided'] / f:.1f} misses avoided",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
 
@@ -934,6 +1268,7 @@ SECTIONS: dict[str, Callable[[Context], None]] = {
     "timings": section_timings,
     "dispatch": section_dispatch,
     "train": section_train,
+    "moe": section_moe,
 }
 
 

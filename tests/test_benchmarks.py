@@ -279,7 +279,7 @@ def test_gpu_check_kernel_checks_catch_a_wrong_kernel(monkeypatch):
 
 def test_gpu_check_docstring_holds_the_one_call_recipe():
     doc = gpu_check.__doc__
-    assert 'carry [".gpu"]' in doc and "timeout_s 420" in doc
+    assert 'carry [".gpu"]' in doc and "timeout_s 540" in doc
     command = doc.split("command:")[1].split("A fresh")[0].strip()
     assert command.startswith("python3 -m pip install -q --no-index --no-deps")
     for part in (
@@ -311,10 +311,9 @@ class _WallEvent:
         return (end.t - self.t) * 1e3
 
 
-def test_gpu_check_train_section_runs_on_the_cpu_backend(monkeypatch):
-    """section_train end to end with a tiny Llama on the CPU backend (CUDA's memory counters
-    and events faked): the API calls it makes still exist, and a budget under the planner's
-    minimum is retried at the minimum and said so."""
+def _fake_cuda(monkeypatch) -> None:
+    """CUDA's events, syncs and memory counters as a section on the CPU backend needs them
+    (the peak: 1000 bytes)."""
     for name, fake in {
         "Event": _WallEvent,
         "synchronize": lambda *a: None,
@@ -324,6 +323,13 @@ def test_gpu_check_train_section_runs_on_the_cpu_backend(monkeypatch):
         "reset_peak_memory_stats": lambda *a: None,
     }.items():
         monkeypatch.setattr(torch.cuda, name, fake)
+
+
+def test_gpu_check_train_section_runs_on_the_cpu_backend(monkeypatch):
+    """section_train end to end with a tiny Llama on the CPU backend (CUDA's memory counters
+    and events faked): the API calls it makes still exist, and a budget under the planner's
+    minimum is retried at the minimum and said so."""
+    _fake_cuda(monkeypatch)
     monkeypatch.setattr(gpu_check, "_llama_1b", lambda: tiny_llama().eval().requires_grad_(False))
     monkeypatch.setattr(gpu_check, "VOCAB", 100)
     ctx = gpu_check.Context(dev=torch.device("cpu"), report=gpu_check.Report(None, lambda s: None))
@@ -382,3 +388,38 @@ def test_moe_benchmark_rejects_an_unknown_model(capsys):
     with pytest.raises(SystemExit):
         moe.parse_args(["--models", "mixtral,dbrx"])
     assert "unknown ['dbrx']" in capsys.readouterr().err
+
+
+def test_gpu_check_moe_section_runs_on_the_cpu_and_a_crash_is_a_failed_row(monkeypatch):
+    """section_moe as the GPU runs it, at the tiny size on the CPU backend (CUDA's counters
+    faked, PCIe at 25 GB/s): the speculating dispatch passes every check; a crash of the second
+    dispatch (planted) is its FAILED row, and the section fails at its end, after the rows of
+    the first."""
+    _fake_cuda(monkeypatch)
+    monkeypatch.setattr(gpu_check, "h2d_gbps", lambda: 25.0)
+    dispatch = nzo.dispatch
+
+    def second_crashes(model, *args, **kw):
+        if not kw["speculate"]:
+            raise RuntimeError("planted crash")
+        return dispatch(model, *args, **kw)
+
+    monkeypatch.setattr(nzo, "dispatch", second_crashes)
+    report = gpu_check.Report(None, echo=lambda s: None)
+    ctx = gpu_check.Context(dev=torch.device("cpu"), report=report)
+    with pytest.raises(gpu_check.CheckError, match="1 MoE checks failed: .*planted crash"):
+        gpu_check.section_moe(ctx, gpu_check.MOE_TINY)
+    rows = {r[0]: r[1:] for r in report.rows}
+    on, off = (f"tiny MoE, lossless 40%, speculate {s}" for s in ("on", "off"))
+    assert rows[f"{on}: logits, batch 2 x 8"][0] == "bit-identical"
+    assert rows[f"{on}: 6 greedy tokens, batch 1"][0] == "identical"
+    assert float(rows[f"{on}: s/token, greedy decode"][0]) > 0
+    assert "goal <= 1.2" in rows[f"{on}: s/token / the plan's per-token bound"][1]
+    assert 0 <= float(rows[f"{on}: expert hit rate, decode steps"][0]) <= 1
+    assert 0 < float(rows[f"{on}: guess accuracy (guessed experts then routed)"][0]) <= 1
+    peak = rows[f"{on}: peak max_memory_allocated / budget, dispatch + forwards"]
+    assert 0 < float(peak[0]) < 1 and float(peak[1].split("accounting: ")[1]) <= 1
+    assert "PCIe 0.0 MB at 25.0 GB/s" in rows[f"{on}: s/token / the plan's per-token bound"][1]
+    assert rows[off] == ("FAILED", "RuntimeError: planted crash")
+    assert [r for r in rows if r.startswith(off)] == [off]
+    assert "Traceback" in report.trailer[0]
