@@ -1,14 +1,21 @@
 """Triton twins of the rANS coder in ans.py: a device encoder and the fused decoder.
 
-The decoder is the scheduler's GPU path: the LUT kernel builds each chunk's slot table, then the
-decode kernel, one program per chunk, walks its W lanes as one vector and writes finished floats,
-merging each step's symbols with their raw bits (planes_triton.merge_values). The encoder writes the
-stream ans.encode writes, bit for bit, where the symbols are (a CUDA device, or the CPU under
-Triton's interpreter). Streams, tables and their layout are ans.py's; both sides are tested
-against its CPU reference.
+The decoder is the scheduler's GPU path. One launch covers every chunk of several tensors that
+share a kernel specialization (a block's, e.g. a layer's 7 matrices, or one tensor): a small
+tensor table (one int64 row per tensor: its offsets into the storages its planes and output
+view, its size, its first program) tells each program which tensor and chunk it decodes. The
+LUT kernel builds each program's slot table into the workspace; the decode kernel, one 1-warp
+program per chunk, walks its W lanes as one vector (a lane's word position from a 32-lane ballot
+and population counts) and writes finished floats, merging each step's symbols with their raw
+bits (planes_triton.merge_values). So a block costs 2 launches (there were 2 per tensor). The
+encoder writes the stream ans.encode writes, bit for bit, where the symbols are (a CUDA device,
+or the CPU under Triton's interpreter). Streams, tables and their layout are ans.py's; both
+sides are tested against its CPU reference.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -25,12 +32,66 @@ from .ans import (
 )
 
 # ---------------------------------------------------------------------------------------------
-# kernels: the decoder (LUT build + one program per chunk, merge fused) and the encoder
+# kernels: the decoder (LUT build + one program per chunk of a block, merge fused), encoder
 # ---------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    # One launch decodes the chunks of several tensors (a block's, or one tensor's) that share
+    # the constexpr specialization: program p works for the tensor whose row of the tensor
+    # table has the last first program <= p. A row is _ROW int64 fields; offsets count elements
+    # of the base pointer they apply to (a view of the storage all those tensors' planes share).
+    _R_PROG = tl.constexpr(0)  # the tensor's first program in the launch
+    _R_CHUNK = tl.constexpr(1)  # the chunk that program decodes (0, or a first_chunk)
+    _R_N = tl.constexpr(2)  # symbols of the tensor
+    _R_WORDS = tl.constexpr(3)  # its words (int16)
+    _R_STATES = tl.constexpr(4)  # its final states (int32), LANES per chunk
+    _R_WOFF = tl.constexpr(5)  # its word offsets (int32), chunks + 1
+    _R_TLO = tl.constexpr(6)  # its tables' first symbols (uint8), one per chunk
+    _R_TLEN = tl.constexpr(7)  # its tables' entries - 1 (uint8), one per chunk
+    _R_TFREQ = tl.constexpr(8)  # its packed frequencies (uint8)
+    _R_TBYTES = tl.constexpr(9)  # bytes of its packed frequencies
+    _R_RAW = tl.constexpr(10)  # its raw plane (uint8)
+    _R_SCALES = tl.constexpr(11)  # its block scales (uint8)
+    _R_OUT = tl.constexpr(12)  # its output (raw bits: uint16, or int32 for fp32)
+    _ROW = tl.constexpr(16)
+
+    @triton.jit
+    def _row_of(tab_ptr, n_tensors, p, MAX_TENSORS: tl.constexpr):
+        """The tensor-table row of program ``p`` (a pointer to its first field)."""
+        t = tl.arange(0, MAX_TENSORS)
+        first = tl.load(tab_ptr + t * _ROW + _R_PROG, mask=t < n_tensors, other=p + 1)
+        row = tl.sum((first <= p).to(tl.int32), 0) - 1
+        return tab_ptr + row.to(tl.int64) * _ROW
+
+    @triton.jit
+    def _chunk_of(row, p):
+        """The chunk of its tensor that program ``p`` decodes (int64)."""
+        return p - tl.load(row + _R_PROG) + tl.load(row + _R_CHUNK)
+
+    @triton.jit
+    def _table_start(tlen_ptr, c, TILE: tl.constexpr):
+        """Where chunk c's entries start in its tensor's packed table: c + len[0] + ... +
+        len[c - 1] (a table has len + 1 entries), summed TILE lengths at a time."""
+        start = c
+        for i in range(0, (c + TILE - 1) // TILE):
+            j = i * TILE + tl.arange(0, TILE)
+            start += tl.sum(tl.load(tlen_ptr + j, mask=j < c, other=0).to(tl.int64), 0)
+        return start
+
+    @triton.jit
+    def _bit_or(a, b):
+        return a | b
+
+    @triton.jit
+    def _popcount(v):
+        """Set bits of each uint32 (SWAR: the same integer steps compiled and interpreted)."""
+        v = v - ((v >> 1) & 0x55555555)
+        v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+        v = (v + (v >> 4)) & 0x0F0F0F0F
+        return (v * 0x01010101) >> 24
 
     @triton.jit
     def _table_entry(freq_ptr, k, nbytes, PROB_BITS: tl.constexpr):
@@ -46,16 +107,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _lut_kernel(
-        lo_ptr,
-        toff_ptr,
-        freq_ptr,
+        tab_ptr,
+        n_tensors,
+        tlo_ptr,
+        tlen_ptr,
+        tfreq_ptr,
         lut_ptr,
-        nbytes,
-        first_chunk,
         PROB_BITS: tl.constexpr,
         TILE: tl.constexpr,
+        MAX_TENSORS: tl.constexpr,
     ):
-        """Chunk c's slot table: uint32 entries symbol | (f - 1) << 8 | (slot - cum) << 20.
+        """Program p's slot table (at lut_ptr + p * M): uint32 entries
+        symbol | (f - 1) << 8 | (slot - cum) << 20 of the chunk it decodes.
 
         The M slots are walked in tiles of TILE (TILE / (32 * num_warps) registers per vector and
         thread). Symbols are visited once in all: a tile passes the symbols that end inside it and
@@ -63,10 +126,15 @@ if HAS_TRITON:
         entries that are 0 (absent symbols inside [lo, lo + len)) pass without taking a slot.
         """
         M: tl.constexpr = 1 << PROB_BITS
-        c = tl.program_id(0).to(tl.int64) + first_chunk
-        t0 = tl.load(toff_ptr + c).to(tl.int64)
-        nsym = tl.load(toff_ptr + c + 1).to(tl.int64) - t0
-        lo = tl.load(lo_ptr + c).to(tl.int32)
+        p = tl.program_id(0).to(tl.int64)
+        row = _row_of(tab_ptr, n_tensors, p, MAX_TENSORS)
+        c = _chunk_of(row, p)
+        tlen = tlen_ptr + tl.load(row + _R_TLEN)
+        freq_ptr = tfreq_ptr + tl.load(row + _R_TFREQ)
+        nbytes = tl.load(row + _R_TBYTES)
+        t0 = _table_start(tlen, c, TILE)
+        nsym = tl.load(tlen + c).to(tl.int64) + 1
+        lo = tl.load(tlo_ptr + tl.load(row + _R_TLO) + c).to(tl.int32)
         j = tl.zeros((), dtype=tl.int32)  # the first symbol not yet passed
         run = tl.zeros((), dtype=tl.int32)  # where symbol j starts: the sum of f before it
         for t in range(0, M // TILE):
@@ -91,10 +159,12 @@ if HAS_TRITON:
                 | ((f - 1).to(tl.uint32) << 8)
                 | ((slots - cum).to(tl.uint32) << 20)
             )
-            tl.store(lut_ptr + c * M + slots, entry.to(tl.int32, bitcast=True))
+            tl.store(lut_ptr + p * M + slots, entry.to(tl.int32, bitcast=True))
 
     @triton.jit
     def _decode_kernel(
+        tab_ptr,
+        n_tensors,
         words_ptr,
         states_ptr,
         woff_ptr,
@@ -103,8 +173,7 @@ if HAS_TRITON:
         scale_ptr,
         out_ptr,
         status_ptr,
-        n,
-        first_chunk,
+        damage_ptr,
         CHUNK: tl.constexpr,
         LANES: tl.constexpr,
         PROB_BITS: tl.constexpr,
@@ -113,17 +182,33 @@ if HAS_TRITON:
         BLOCK_SIZE: tl.constexpr,
         NORMALIZE: tl.constexpr,
         OUT: tl.constexpr,
+        MAX_TENSORS: tl.constexpr,
+        COUNT_DAMAGE: tl.constexpr,
     ):
+        """Program p decodes one chunk of its tensor (1 warp, its LANES lanes as one vector)
+        straight into the tensor's output, through the slot table at lut_ptr + p * M. Writes
+        status[p] (1 = the chunk ended in its final state with every word read) and, with
+        COUNT_DAMAGE, adds 1 to *damage_ptr when it did not."""
         M: tl.constexpr = 1 << PROB_BITS
-        c = tl.program_id(0).to(tl.int64) + first_chunk
-        n = tl.cast(n, tl.int64)  # element indices c * CHUNK + ... pass 2**31 in large tensors
+        p = tl.program_id(0).to(tl.int64)
+        row = _row_of(tab_ptr, n_tensors, p, MAX_TENSORS)
+        c = _chunk_of(row, p)
+        n = tl.load(row + _R_N)  # int64: element indices c * CHUNK + ... pass 2**31
+        words = words_ptr + tl.load(row + _R_WORDS)
+        woff = woff_ptr + tl.load(row + _R_WOFF)
         lanes = tl.arange(0, LANES)
-        x = tl.load(states_ptr + c * LANES + lanes).to(tl.uint32, bitcast=True)
-        ptr = tl.load(woff_ptr + c).to(tl.uint32, bitcast=True).to(tl.int64)
-        end = tl.load(woff_ptr + c + 1).to(tl.uint32, bitcast=True).to(tl.int64)
+        x = tl.load(states_ptr + tl.load(row + _R_STATES) + c * LANES + lanes)
+        x = x.to(tl.uint32, bitcast=True)
+        ptr = tl.load(woff + c).to(tl.uint32, bitcast=True).to(tl.int64)
+        end = tl.load(woff + c + 1).to(tl.uint32, bitcast=True).to(tl.int64)
+        raw = raw_ptr + tl.load(row + _R_RAW)
+        scales = scale_ptr + tl.load(row + _R_SCALES)
+        out = out_ptr + tl.load(row + _R_OUT)
         base = c * CHUNK
         steps = (tl.minimum(n - base, CHUNK) + LANES - 1) // LANES
-        lut = lut_ptr + c * M
+        lut = lut_ptr + p * M
+        # a lane's word is the chunk's next word plus the lanes below it that read one
+        below = (tl.full((LANES,), 1, tl.uint32) << lanes.to(tl.uint32)) - 1
         for s in range(0, steps):
             offs = base + s * LANES + lanes
             valid = offs < n
@@ -131,20 +216,26 @@ if HAS_TRITON:
             x_new = (((e >> 8) & 0xFFF) + 1) * (x >> PROB_BITS) + (e >> 20)
             x = tl.where(valid, x_new, x)
             need = valid & (x < 65536)
-            inc = tl.cumsum(need.to(tl.int32), 0)
-            pos = ptr + (inc - need.to(tl.int32)).to(tl.int64)
-            w = tl.load(words_ptr + pos, mask=need & (pos < end), other=0)
+            if LANES <= 32:  # a ballot (OR-reduce: redux.sync) and population counts
+                ballot = tl.reduce(need.to(tl.uint32) << lanes.to(tl.uint32), 0, _bit_or)
+                pos = ptr + _popcount(ballot & below).to(tl.int64)
+                taken = _popcount(ballot).to(tl.int64)
+            else:  # more lanes than a 32-bit ballot holds: an exclusive prefix sum
+                inc = tl.cumsum(need.to(tl.int32), 0)
+                pos = ptr + (inc - need.to(tl.int32)).to(tl.int64)
+                taken = tl.sum(need.to(tl.int64), 0)
+            w = tl.load(words + pos, mask=need & (pos < end), other=0)
             w = w.to(tl.uint16, bitcast=True).to(tl.uint32)
             x = tl.where(need, (x << 16) | w, x)
-            ptr += tl.sum(need.to(tl.int64), 0)
+            ptr += taken
             planes_triton.merge_values(
                 e & 0xFF,
                 offs,
                 valid,
                 n,
-                raw_ptr,
-                scale_ptr,
-                out_ptr,
+                raw,
+                scales,
+                out,
                 FMT,
                 K,
                 BLOCK_SIZE,
@@ -152,7 +243,9 @@ if HAS_TRITON:
                 OUT,
             )
         ok = (tl.sum((x != 65536).to(tl.int32), 0) == 0) & (ptr == end)
-        tl.store(status_ptr + c, ok.to(tl.int8))
+        tl.store(status_ptr + p, ok.to(tl.int8))
+        if COUNT_DAMAGE:
+            tl.atomic_add(damage_ptr, 1 - ok.to(tl.int32), sem="relaxed")
 
     @triton.jit
     def _encode_kernel(
@@ -267,6 +360,202 @@ def encode_triton(
     )
 
 
+@dataclass(frozen=True)
+class DecodeJob:
+    """One tensor for :func:`decode_block_triton`: its (validated) stream, raw plane, block
+    scales (lossy with normalization) and 1-D output, and the first chunk to decode."""
+
+    stream: AnsStream
+    raw: torch.Tensor
+    scales: torch.Tensor | None
+    out: torch.Tensor
+    first_chunk: int = 0
+
+
+# The planes a launch reads and writes, by tensor-table field (the _R_* constants above); each
+# is passed as one base pointer, a view of the storage the planes of that kind share
+_PLANE_FIELDS = (
+    ("words", 3),
+    ("states", 4),
+    ("word_offsets", 5),
+    ("table_lo", 6),
+    ("table_len", 7),
+    ("table_freq", 8),
+    ("raw", 10),
+    ("scales", 11),
+    ("out", 12),
+)
+_ROW_FIELDS = 16
+_MAX_TENSORS = 32  # tensors per launch (the program → tensor search is one vector this wide)
+
+
+def _planes_of(job: DecodeJob) -> dict[str, torch.Tensor]:
+    st = job.stream
+    return {
+        "words": st.words,
+        "states": st.states,
+        "word_offsets": st.word_offsets,
+        "table_lo": st.table_lo,
+        "table_len": st.table_len,
+        "table_freq": st.table_freq,
+        "raw": job.raw,
+        "scales": job.raw if job.scales is None else job.scales,
+        "out": planes_triton.out_bits_view(job.out),
+    }
+
+
+def _storage_at(t: torch.Tensor) -> int | None:
+    """Address of the storage ``t`` views (None for an empty tensor: it is never read)."""
+    return t.untyped_storage().data_ptr() if t.numel() else None
+
+
+def _same_storages(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Whether every plane of ``b`` views the storage of the same plane of ``a`` (or is empty)."""
+    for name, _ in _PLANE_FIELDS:
+        sa, sb = _storage_at(a[name]), _storage_at(b[name])
+        if sa is not None and sb is not None and sa != sb:
+            return False
+    return True
+
+
+def _base_and_offsets(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """A view (in their dtype) of the storage ``tensors`` view, and each one's element offset
+    into it (0 for an empty tensor)."""
+    held = [t for t in tensors if t.numel()]
+    if not held:
+        return tensors[0], [0] * len(tensors)
+    storage = held[0].untyped_storage()
+    at, dtype = storage.data_ptr(), held[0].dtype
+    base = torch.empty(0, dtype=dtype, device=held[0].device)
+    base.set_(storage, 0, (storage.nbytes() // dtype.itemsize,))
+    return base, [(t.data_ptr() - at) // dtype.itemsize if t.numel() else 0 for t in tensors]
+
+
+def tensor_table(
+    jobs: list[DecodeJob], chunk_size: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """(tensor table, base pointer per plane kind, programs) of one launch over ``jobs``, whose
+    planes of each kind view one storage. The table is int64 [len(jobs), _ROW_FIELDS] on the
+    jobs' device (see the _R_* fields)."""
+    dev = jobs[0].out.device
+    planes_ = [_planes_of(j) for j in jobs]
+    bases, rows, programs = {}, [[0] * _ROW_FIELDS for _ in jobs], 0
+    for name, field in _PLANE_FIELDS:
+        bases[name], offsets = _base_and_offsets([p[name] for p in planes_])
+        for row, off in zip(rows, offsets, strict=True):
+            row[field] = off
+    for row, j in zip(rows, jobs, strict=True):
+        row[0], row[1], row[2] = programs, j.first_chunk, j.out.numel()
+        row[9] = j.stream.table_freq.numel()
+        programs += n_chunks(j.out.numel(), chunk_size) - j.first_chunk
+    table = torch.tensor(rows, dtype=torch.int64)
+    if dev.type == "cuda":  # pinned: the copy is queued on the current stream, not waited for
+        table = table.pin_memory().to(dev, non_blocking=True)
+    return table, bases, programs
+
+
+def _launch(
+    jobs: list[DecodeJob],
+    fmt: int,
+    mantissa_bits: int,
+    block_size: int,
+    chunk_size: int,
+    lanes: int,
+    prob_bits: int,
+    workspace: torch.Tensor | None,
+    damage: torch.Tensor | None,
+) -> torch.Tensor:
+    """The LUT and decode launches over all chunks of ``jobs`` (planes in shared storages)."""
+    dev = jobs[0].out.device
+    table, bases, programs = tensor_table(jobs, chunk_size)
+    M = 1 << prob_bits
+    if workspace is None or workspace.numel() < programs * M:
+        workspace = torch.empty(programs * M, dtype=torch.int32, device=dev)
+    status = torch.empty(programs, dtype=torch.int8, device=dev)
+    _lut_kernel[(programs,)](
+        table,
+        len(jobs),
+        bases["table_lo"],
+        bases["table_len"],
+        bases["table_freq"],
+        workspace,
+        PROB_BITS=prob_bits,
+        TILE=min(M, _LUT_TILE),
+        MAX_TENSORS=_MAX_TENSORS,
+        num_warps=4,
+    )
+    _decode_kernel[(programs,)](
+        table,
+        len(jobs),
+        bases["words"],
+        bases["states"],
+        bases["word_offsets"],
+        workspace,
+        bases["raw"],
+        bases["scales"],
+        bases["out"],
+        status,
+        status if damage is None else damage,
+        CHUNK=chunk_size,
+        LANES=lanes,
+        PROB_BITS=prob_bits,
+        FMT=fmt,
+        K=mantissa_bits,
+        BLOCK_SIZE=block_size,
+        NORMALIZE=jobs[0].scales is not None,
+        OUT=planes.FMT_OF[jobs[0].out.dtype],
+        MAX_TENSORS=_MAX_TENSORS,
+        COUNT_DAMAGE=damage is not None,
+        num_warps=1,
+    )
+    return status
+
+
+def decode_block_triton(
+    jobs: list[DecodeJob],
+    *,
+    fmt: int,
+    mantissa_bits: int = 0,
+    block_size: int = 1,
+    chunk_size: int = DEFAULT_CHUNK,
+    lanes: int = DEFAULT_LANES,
+    prob_bits: int = DEFAULT_PROB_BITS,
+    workspace: torch.Tensor | None = None,
+    damage: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode several tensors coded with the same settings (a block's) into their outputs: one
+    LUT launch and one decode launch over the chunks of all of them. Returns int8 status per
+    decoded chunk (1 = ok), the jobs' chunks in order.
+
+    One launch covers jobs whose planes of each kind view one storage (a packed block's buffer)
+    and whose outputs view one storage (a slot); other jobs take further launches, on the same
+    stream. Outputs share one dtype, and scales are given for all jobs or none. No host
+    synchronization: the tensor table is queued to the device on the current stream.
+    ``workspace`` (int32, >= chunks * 2**prob_bits) holds the slot tables (a launch reuses it
+    from the start: launches on one stream run in order); ``damage`` (int32 [1]), when given,
+    counts the damaged chunks on the device.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("Triton is not installed")
+    dev = jobs[0].out.device if jobs else None
+    jobs = [j for j in jobs if n_chunks(j.out.numel(), chunk_size) > j.first_chunk]
+    if not jobs:
+        return torch.zeros(0, dtype=torch.int8, device=dev)
+    if len({j.out.dtype for j in jobs}) > 1 or len({j.scales is None for j in jobs}) > 1:
+        raise ValueError("a decode launch takes outputs of one dtype, all with scales or none")
+    groups: list[list[DecodeJob]] = []
+    for j in jobs:  # consecutive jobs whose planes share storages go in one launch
+        g = groups[-1] if groups else None
+        if g and len(g) < _MAX_TENSORS and _same_storages(_planes_of(g[0]), _planes_of(j)):
+            g.append(j)
+        else:
+            groups.append([j])
+    kw = dict(fmt=fmt, mantissa_bits=mantissa_bits, block_size=block_size)
+    kw.update(chunk_size=chunk_size, lanes=lanes, prob_bits=prob_bits)
+    status = [_launch(g, workspace=workspace, damage=damage, **kw) for g in groups]
+    return status[0] if len(status) == 1 else torch.cat(status)
+
+
 def decode_triton(
     stream: AnsStream,
     raw: torch.Tensor,
@@ -282,56 +571,28 @@ def decode_triton(
     workspace: torch.Tensor | None = None,
     first_chunk: int = 0,
 ) -> torch.Tensor:
-    """Decode a (validated) stream straight into ``out`` (1-D). Returns int8 status per chunk.
+    """Decode one (validated) stream straight into ``out`` (1-D). Returns int8 status per chunk.
 
     No host synchronization: the status stays on the device for the caller to check when it
     chooses. ``workspace`` (int32, >= n_chunks * 2**prob_bits) holds the slot tables.
     ``first_chunk`` > 0 decodes only chunks [first_chunk, n_chunks) (their statuses; the others
     stay 0): tests use it to reach the indices of very large tensors.
     """
-    if not HAS_TRITON:
-        raise RuntimeError("Triton is not installed")
-    n = out.numel()
-    C = n_chunks(n, chunk_size)
-    status = torch.zeros(C, dtype=torch.int8, device=out.device)
+    C = n_chunks(out.numel(), chunk_size)
     if not 0 <= first_chunk <= C:
         raise ValueError(f"first_chunk must be in 0..{C}, got {first_chunk}")
     if first_chunk == C:
-        return status
-    M = 1 << prob_bits
-    if workspace is None:
-        workspace = torch.empty(C * M, dtype=torch.int32, device=out.device)
-    grid = (C - first_chunk,)
-    _lut_kernel[grid](
-        stream.table_lo,
-        stream.table_offsets(),
-        stream.table_freq,
-        workspace,
-        stream.table_freq.numel(),
-        first_chunk,
-        PROB_BITS=prob_bits,
-        TILE=min(M, _LUT_TILE),
-        num_warps=4,
+        return torch.zeros(C, dtype=torch.int8, device=out.device)
+    status = decode_block_triton(
+        [DecodeJob(stream, raw, scales, out, first_chunk)],
+        fmt=fmt,
+        mantissa_bits=mantissa_bits,
+        block_size=block_size,
+        chunk_size=chunk_size,
+        lanes=lanes,
+        prob_bits=prob_bits,
+        workspace=workspace,
     )
-    _decode_kernel[grid](
-        stream.words,
-        stream.states,
-        stream.word_offsets,
-        workspace,
-        raw,
-        scales if scales is not None else raw,
-        planes_triton.out_bits_view(out),
-        status,
-        n,
-        first_chunk,
-        CHUNK=chunk_size,
-        LANES=lanes,
-        PROB_BITS=prob_bits,
-        FMT=fmt,
-        K=mantissa_bits,
-        BLOCK_SIZE=block_size,
-        NORMALIZE=scales is not None,
-        OUT=planes.FMT_OF[out.dtype],
-        num_warps=1,
-    )
+    if first_chunk:  # the chunks before it were not decoded
+        status = torch.cat([torch.zeros(first_chunk, dtype=torch.int8, device=out.device), status])
     return status

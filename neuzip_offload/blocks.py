@@ -148,8 +148,9 @@ def _decoded_bytes(members: tuple[Member, ...]) -> int:
 
 def _estimated(g: Group, device: torch.device, bits: float, on_disk: bool) -> BlockSpec:
     largest = max(m.numel for m in g.members)
-    chunks = (largest + ESTIMATE_CHUNK - 1) // ESTIMATE_CHUNK
-    # the decoder's scratch: rANS slot tables (int32 per chunk) on CUDA, zstd symbols on the host
+    chunks = sum((m.numel + ESTIMATE_CHUNK - 1) // ESTIMATE_CHUNK for m in g.members)
+    # the decoder's scratch: rANS slot tables (int32 per chunk of the block: its tensors decode
+    # in one launch) on CUDA, zstd symbols on the host
     ws = 4 * (chunks << ESTIMATE_PROB_BITS) if device.type == "cuda" else largest
     return BlockSpec(
         g.name,
@@ -168,11 +169,8 @@ def _measured(
     g: Group, cts: list[CompressedTensor], device: torch.device, on_disk: bool, encoded: bool
 ) -> BlockSpec:
     _, slot_bytes = slot_layout(cts, [m.key for m in g.members])
-    if device.type == "cuda":  # rANS slot tables, int32, one tensor at a time
-        ws = max(
-            (4 * (ct.header.n_chunks << ct.header.prob_bits) for ct in cts if ct.codec == "ans"),
-            default=0,
-        )
+    if device.type == "cuda":  # rANS slot tables, int32: the block's tensors in one launch
+        ws = sum(4 * (ct.header.n_chunks << ct.header.prob_bits) for ct in cts if ct.codec == "ans")
     else:  # the zstd symbol buffer
         ws = max((ct.numel for ct in cts if ct.codec == "zstd"), default=0)
     return BlockSpec(

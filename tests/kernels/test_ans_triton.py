@@ -123,25 +123,30 @@ def test_triton_lut_kernel_equals_build_luts(prob_bits):
     freq = _lut_tables(prob_bits)
     C, M = freq.shape[0], 1 << prob_bits
     lo, tlen, tfreq = ans.compact_tables(freq, prob_bits)
-    stream = ans.AnsStream(
-        words=torch.zeros(0, dtype=torch.int16),
-        states=torch.zeros(0, dtype=torch.int32),
-        word_offsets=torch.zeros(C + 1, dtype=torch.int32),
-        table_lo=lo,
-        table_len=tlen,
-        table_freq=tfreq,
-    )
     dev = TRITON_DEVICE
+    stream = ans.AnsStream(
+        words=torch.zeros(0, dtype=torch.int16, device=dev),
+        states=torch.zeros(0, dtype=torch.int32, device=dev),
+        word_offsets=torch.zeros(C + 1, dtype=torch.int32, device=dev),
+        table_lo=lo.to(dev),
+        table_len=tlen.to(dev),
+        table_freq=tfreq.to(dev),
+    )
+    out = torch.empty(C * 256, dtype=torch.bfloat16, device=dev)  # C chunks of 256
+    job = ans_triton.DecodeJob(stream, torch.zeros(0, dtype=torch.uint8, device=dev), None, out)
+    table, bases, programs = ans_triton.tensor_table([job], chunk_size=256)
+    assert programs == C
     lut = torch.full((C * M,), -1, dtype=torch.int32, device=dev)
     ans_triton._lut_kernel[(C,)](
-        lo.to(dev),
-        stream.table_offsets().to(dev),
-        tfreq.to(dev),
+        table,
+        1,
+        bases["table_lo"],
+        bases["table_len"],
+        bases["table_freq"],
         lut,
-        tfreq.numel(),
-        0,
         PROB_BITS=prob_bits,
         TILE=min(M, ans_triton._LUT_TILE),
+        MAX_TENSORS=ans_triton._MAX_TENSORS,
         num_warps=4,
     )
     assert torch.equal(lut.cpu(), ans.build_luts(freq, prob_bits)[: C * M])
@@ -160,3 +165,125 @@ def test_triton_decoder_first_chunk_decodes_only_the_tail():
     assert same_bits(out[256:].cpu(), x[256:]) and not bool(out[:256].cpu().any())
     with pytest.raises(ValueError, match="first_chunk"):
         ans_triton.decode_triton(st, raw.to(dev), None, out, first_chunk=4, **kw)
+
+
+def _packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors copied into one buffer at 64-byte-aligned offsets, as a packed block holds
+    its planes: views of one storage."""
+    sizes = [(t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors]
+    buf = torch.zeros(sum(sizes) + 64, dtype=torch.uint8, device=TRITON_DEVICE)
+    views, pos = [], 64  # not at the buffer's start: offsets are relative to the storage
+    for t, size in zip(tensors, sizes, strict=True):
+        nbytes = t.numel() * t.element_size()
+        view = buf[pos : pos + nbytes].view(t.dtype)
+        view.copy_(t.reshape(-1).to(TRITON_DEVICE))
+        views.append(view)
+        pos += size
+    return views
+
+
+def _block_jobs(xs, cfg, *, packed, k, scales=False, damage_in=None):
+    """(jobs, references) for a block of tensors ``xs``: lossless, or lossy at k with block 128.
+    ``packed``: planes of each kind in one buffer, outputs in one slot buffer."""
+    chunk, lanes, pb = cfg
+    fields, refs = [], []
+    for i, x in enumerate(xs):
+        if k is None:
+            sym, raw = planes.split(x)
+            sc, ref = None, x
+        else:
+            sym, raw, sc = planes.lossy_split(x, k, 128, scales)
+            ref = planes.lossy_merge(sym, raw, sc, k, 128, x.dtype)
+        st = ans.encode(sym, chunk, lanes, pb)
+        if i == damage_in:
+            st.states[lanes] ^= 0x7777  # its chunk 1
+        fields.append([*st.__dict__.values(), raw, sc])
+        refs.append(ref)
+    outs = [torch.empty(x.numel(), dtype=x.dtype, device=TRITON_DEVICE) for x in xs]
+    if packed:  # one buffer per plane kind (stands for the one packed buffer), one slot
+        kinds = [_packed([f[j] for f in fields]) for j in range(7)]
+        kinds.append(_packed([f[7] for f in fields]) if scales else [None] * len(xs))
+        fields = [[kind[i] for kind in kinds] for i in range(len(xs))]
+        outs = _packed(outs)
+    else:
+        fields = [[None if t is None else t.to(TRITON_DEVICE) for t in f] for f in fields]
+    jobs = [
+        ans_triton.DecodeJob(ans.AnsStream(*f[:6]), f[6], f[7], out)
+        for f, out in zip(fields, outs, strict=True)
+    ]
+    return jobs, refs
+
+
+def _count_launches(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    launch = ans_triton._launch
+
+    def counted(jobs, *args, **kw):
+        calls.append(len(jobs))
+        return launch(jobs, *args, **kw)
+
+    monkeypatch.setattr(ans_triton, "_launch", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_packed_block_decodes_in_one_launch(dtype, monkeypatch):
+    """A block's tensors (ragged last chunks, a one-chunk tensor, a one-symbol table, one
+    element) decode in one LUT + one decode launch into their places in one slot, bit for bit;
+    the damage counter stays 0."""
+    xs = [
+        (torch.randn(700) * torch.logspace(-3, 2, 700)).to(dtype),
+        torch.randn(256).to(dtype),
+        torch.full((300,), 1.5, dtype=dtype),
+        torch.tensor([-0.0], dtype=dtype),
+    ]
+    xs[0][:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
+    jobs, refs = _block_jobs(xs, (256, 32, 10), packed=True, k=None)
+    calls = _count_launches(monkeypatch)
+    damage = torch.zeros(1, dtype=torch.int32, device=TRITON_DEVICE)
+    fmt = planes.FMT_OF[dtype]
+    status = ans_triton.decode_block_triton(
+        jobs, fmt=fmt, chunk_size=256, lanes=32, prob_bits=10, damage=damage
+    )
+    assert calls == [4]
+    assert status.tolist() == [1] * 7 and int(damage) == 0
+    for job, ref in zip(jobs, refs, strict=True):
+        assert same_bits(job.out.cpu(), ref)
+
+
+def test_a_lossy_block_with_scales_decodes_in_one_launch(monkeypatch):
+    xs = [(torch.randn(n) * 0.05).to(torch.bfloat16) for n in (600, 130)]
+    jobs, refs = _block_jobs(xs, (512, 32, 12), packed=True, scales=True, k=3)
+    calls = _count_launches(monkeypatch)
+    status = ans_triton.decode_block_triton(
+        jobs,
+        fmt=planes.FMT_LOSSY,
+        mantissa_bits=3,
+        block_size=128,
+        chunk_size=512,
+        lanes=32,
+        prob_bits=12,
+    )
+    assert calls == [2] and status.tolist() == [1, 1, 1]
+    for job, ref in zip(jobs, refs, strict=True):
+        assert same_bits(job.out.cpu(), ref)
+
+
+def test_block_damage_is_counted_on_the_device_and_other_storages_take_more_launches(
+    monkeypatch,
+):
+    """A damaged chunk in the second tensor: its status is 0 and the counter reads 1. Planes
+    not packed into one buffer still decode exactly, one launch per tensor."""
+    xs = [torch.randn(n).to(torch.bfloat16) for n in (300, 600)]
+    kw = dict(fmt=planes.FMT_BF16, chunk_size=256, lanes=32, prob_bits=10)
+    calls = _count_launches(monkeypatch)
+    jobs, _ = _block_jobs(xs, (256, 32, 10), packed=True, k=None, damage_in=1)
+    damage = torch.zeros(1, dtype=torch.int32, device=TRITON_DEVICE)
+    status = ans_triton.decode_block_triton(jobs, damage=damage, **kw)
+    assert calls == [2]
+    assert status.tolist() == [1, 1, 1, 0, 1] and int(damage) == 1
+    jobs, refs = _block_jobs(xs, (256, 32, 10), packed=False, k=None)
+    status = ans_triton.decode_block_triton(jobs, damage=damage, **kw)
+    assert calls == [2, 1, 1] and status.tolist() == [1] * 5 and int(damage) == 1
+    for job, ref in zip(jobs, refs, strict=True):
+        assert same_bits(job.out.cpu(), ref)

@@ -152,7 +152,7 @@ def test_device_decode_damage_is_raised_at_the_end_of_the_forward(monkeypatch):
         make_plan(specs, o)
     plan = make_plan(specs, replace(o, device_bytes=e.value.minimum_device_bytes))
     ex = Executor(plan, blocks, torch.device("cpu"))
-    ex.decoder.per_tensor = True
+    ex.decoder.on_device = True
     streamed = [b for b in ex.blocks() if b.tier != DEVICE]
     assert streamed
     victim = streamed[0]
@@ -183,7 +183,7 @@ def test_runtime_objects_do_not_pile_up_over_many_forwards(monkeypatch):
         blocks,
         torch.device("cpu"),
     )
-    ex.decoder.per_tensor = True
+    ex.decoder.on_device = True
 
     def forward() -> None:
         ex.begin_forward()
@@ -205,6 +205,42 @@ def test_runtime_objects_do_not_pile_up_over_many_forwards(monkeypatch):
     damage = ex.damage_counts()
     assert damage is not None and int(damage.sum()) == 0  # statuses were folded in
     assert ex.pending_timings() == 0 and ex.stats.fetches >= 25
+    ex.close()
+
+
+@requires_triton
+def test_a_streamed_block_decodes_in_one_launch(monkeypatch):
+    """A block's rANS tensors, copied to staging as one packed buffer, decode in one LUT and one
+    decode launch over all their chunks, into their places in the slot, bit for bit."""
+    from neuzip_offload.kernels import ans_triton
+
+    _device_decoder(monkeypatch)
+    launches: list[int] = []
+    launch = ans_triton._launch
+
+    def counted(jobs, *args, **kw):
+        launches.append(len(jobs))
+        return launch(jobs, *args, **kw)
+
+    monkeypatch.setattr(ans_triton, "_launch", counted)
+    cfg = CodecConfig(codec="ans", prob_bits=8, chunk_size=512, lanes=32)
+    weights, blocks, specs = _blocks([[(32, 32), (16, 40), (24,)]] * 3, config=cfg)
+    o = _options(1, prefetch=0)
+    with pytest.raises(nzo.PlanError) as e:
+        make_plan(specs, o)
+    plan = make_plan(specs, replace(o, device_bytes=e.value.minimum_device_bytes))
+    ex = Executor(plan, blocks, torch.device("cpu"))
+    ex.decoder.on_device = True
+    streamed = [b.index for b in ex.blocks() if b.tier != DEVICE]
+    assert streamed
+    launches.clear()  # resident blocks decoded at setup, tensor by tensor
+    ex.begin_forward()
+    for i, ws in enumerate(weights):
+        ex.enter(i)
+        assert all(same_bits(ex.weight(f"b{i}.w{j}"), w) for j, w in enumerate(ws))
+        ex.exit(i)
+    ex.end_forward()
+    assert launches == [3] * len(streamed)
     ex.close()
 
 
