@@ -159,11 +159,26 @@ def _tensors() -> list[Any]:
 
 
 def drive_decode(cts: list[Any], outs: list[Any]) -> None:
-    """Decode one block's compressed tensors into ``outs`` with the device decoder (the seam)."""
-    from neuzip_offload import codec
+    """Decode one block's compressed tensors into ``outs`` with the device decoder (the seam):
+    as the executor does, planes packed in one buffer, outputs views of one slot, through the
+    scheduler's Decoder with the device path forced (the interpreter runs its launches)."""
+    import torch
 
-    for ct, out in zip(cts, outs, strict=True):
-        codec.decode_into(ct, out.view(-1), use_triton=True)
+    from neuzip_offload.scheduler.accounting import Accountant
+    from neuzip_offload.scheduler.decoder import Decoder
+    from neuzip_offload.scheduler.layout import PackedLayout, bind, pack, slot_layout
+    from neuzip_offload.scheduler.streams import Streams
+
+    layout = PackedLayout.of(cts)
+    packed = bind(cts, layout, pack(cts, lambda n: torch.empty(n, dtype=torch.uint8)))
+    keys = [f"t{i}" for i in range(len(cts))]
+    entries, slot_bytes = slot_layout(packed, keys)
+    slot = torch.empty(slot_bytes, dtype=torch.uint8)
+    decoder = Decoder(["block"], Streams(torch.device("cpu")), Accountant(1 << 40), 0, None)
+    decoder.on_device = True  # the CUDA path, whose kernels the interpreter runs here
+    decoder.decode_block(packed, entries, slot, 0)
+    for e, out in zip(entries, outs, strict=True):
+        out.view(-1).copy_(e.view(slot).view(-1))
 
 
 def drive_encode(tensors: list[Any], config: Any) -> list[Any]:
