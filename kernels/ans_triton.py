@@ -6,11 +6,11 @@ tensor table (one int64 row per tensor: its offsets into the storages its planes
 view, its size, its first program) tells each program which tensor and chunk it decodes. The
 LUT kernel builds each program's slot table into the workspace; the decode kernel, one 1-warp
 program per chunk, walks its W lanes as one vector (a lane's word position from a 32-lane ballot
-and population counts) and writes finished floats, merging each step's symbols with their raw
-bits (planes_triton.merge_values). So a block costs 2 launches (there were 2 per tensor). The
-encoder writes the stream ans.encode writes, bit for bit, where the symbols are (a CUDA device,
-or the CPU under Triton's interpreter). Streams, tables and their layout are ans.py's; both
-sides are tested against its CPU reference.
+and population counts) and writes finished floats, merging each step's symbols with raw bits
+loaded a step ahead (planes_triton.load_raw / merge_raw). So a block costs 2 launches (there
+were 2 per tensor). The encoder writes the stream ans.encode writes, bit for bit, where the
+symbols are (a CUDA device, or the CPU under Triton's interpreter). Streams, tables and their
+layout are ans.py's; both sides are tested against its CPU reference.
 """
 
 from __future__ import annotations
@@ -209,6 +209,13 @@ if HAS_TRITON:
         lut = lut_ptr + p * M
         # a lane's word is the chunk's next word plus the lanes below it that read one
         below = (tl.full((LANES,), 1, tl.uint32) << lanes.to(tl.uint32)) - 1
+        # step s + 1's raw bits (and scales) load at the end of step s, into the registers (r0..r3)
+        # step s's merge has just read, and wait there through step s + 1's dependent chain:
+        # their DRAM latency overlaps that chain instead of adding to it
+        end_offs = tl.minimum(n, base + CHUNK)
+        r0, r1, r2, r3 = planes_triton.load_raw(
+            base + lanes, base + lanes < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+        )
         for s in range(0, steps):
             offs = base + s * LANES + lanes
             valid = offs < n
@@ -228,19 +235,12 @@ if HAS_TRITON:
             w = w.to(tl.uint16, bitcast=True).to(tl.uint32)
             x = tl.where(need, (x << 16) | w, x)
             ptr += taken
-            planes_triton.merge_values(
-                e & 0xFF,
-                offs,
-                valid,
-                n,
-                raw,
-                scales,
-                out,
-                FMT,
-                K,
-                BLOCK_SIZE,
-                NORMALIZE,
-                OUT,
+            planes_triton.merge_raw(
+                e & 0xFF, r0, r1, r2, r3, offs, valid, out, FMT, K, BLOCK_SIZE, NORMALIZE, OUT
+            )
+            ahead = offs + LANES
+            r0, r1, r2, r3 = planes_triton.load_raw(
+                ahead, ahead < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
             )
         ok = (tl.sum((x != 65536).to(tl.int32), 0) == 0) & (ptr == end)
         tl.store(status_ptr + p, ok.to(tl.int8))

@@ -1,9 +1,10 @@
 """Triton twins of the plane split/merge and bit packing in planes.py, with their launchers.
 
 The layouts, references and format codes are planes.py's; every kernel here is tested against
-its reference bit for bit (tests/kernels/test_planes_triton.py). ``merge_values`` is also the
-tail of the fused rANS decoder (ans_triton.py): symbols + raw bits → finished floats, stored
-through the raw-bits view of the output (``out_bits_view``).
+its reference bit for bit (tests/kernels/test_planes_triton.py). ``load_raw`` and ``merge_raw``
+are also the tail of the fused rANS decoder (ans_triton.py): symbols + raw bits → finished
+floats, stored through the raw-bits view of the output (``out_bits_view``); the decoder loads a
+step's raw bits one step ahead of the merge.
 """
 
 from __future__ import annotations
@@ -32,33 +33,76 @@ if HAS_TRITON:
     _BF16: tl.constexpr = tl.constexpr(FMT_BF16)
     _FP16: tl.constexpr = tl.constexpr(FMT_FP16)
     _FP32: tl.constexpr = tl.constexpr(FMT_FP32)
+    _LOSSY: tl.constexpr = tl.constexpr(FMT_LOSSY)
 
     # Index arithmetic: Triton passes an int argument below 2**31 as i32, so products of the
     # element count n (2 * n, (K + 1) * n, n * WIDTH) would wrap for tensors of a few hundred
     # million weights. Every kernel widens n to int64 once and derives sizes from that.
 
     @triton.jit
-    def load_field(field_ptr, offs, mask, total, WIDTH: tl.constexpr):
-        """Element ``offs`` of a packed WIDTH-bit field, as uint32."""
-        bitpos = (offs & 7) * WIDTH
-        byte = (offs >> 3) * WIDTH + (bitpos >> 3)
-        sh = (bitpos & 7).to(tl.uint32)
+    def field_bytes(field_ptr, offs, mask, total, WIDTH: tl.constexpr):
+        """The bytes (b0, b1) that hold element ``offs`` of a packed WIDTH-bit field, as uint32;
+        b1 is 0 where no field straddles two bytes (WIDTH 1, 2, 4, 8)."""
+        byte = (offs >> 3) * WIDTH + (((offs & 7) * WIDTH) >> 3)
         b0 = tl.load(field_ptr + byte, mask=mask, other=0).to(tl.uint32)
         if WIDTH == 1 or WIDTH == 2 or WIDTH == 4 or WIDTH == 8:
-            word = b0
-        else:  # a field may straddle two bytes of its group
+            b1 = tl.zeros_like(b0)
+        else:
             b1 = tl.load(field_ptr + byte + 1, mask=mask & (byte + 1 < total), other=0)
-            word = b0 | (b1.to(tl.uint32) << 8)
-        return (word >> sh) & ((1 << WIDTH) - 1)
+            b1 = b1.to(tl.uint32)
+        return b0, b1
 
     @triton.jit
-    def merge_values(
-        sym,
+    def field_value(b0, b1, offs, WIDTH: tl.constexpr):
+        """Element ``offs`` of a packed WIDTH-bit field from its bytes (field_bytes), as uint32."""
+        sh = (((offs & 7) * WIDTH) & 7).to(tl.uint32)
+        return ((b0 | (b1 << 8)) >> sh) & ((1 << WIDTH) - 1)
+
+    @triton.jit
+    def load_raw(
         offs,
         mask,
         n,
         raw_ptr,
         scale_ptr,
+        FMT: tl.constexpr,
+        K: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+    ):
+        """The raw bytes of elements ``offs``, as four uint32 vectors (0 where unused) for
+        merge_raw: bf16 the sign|mantissa byte; fp16 the m[7:0] byte and the byte holding
+        m[9:8]; fp32 the three raw bytes (m[7:0], m[15:8], sign|m[22:16]); lossy the bytes
+        holding the (K + 1)-bit sign|mantissa code and, with NORMALIZE, the bytes holding its
+        block's 7-bit scale. Loads only, so that the rANS decoder can issue them a step ahead
+        and nothing waits for them until the merge."""
+        n = tl.cast(n, tl.int64)  # sizes below are products of n: keep them 64-bit
+        if FMT == _LOSSY:
+            r0, r1 = field_bytes(raw_ptr, offs, mask, ((K + 1) * n + 7) // 8, K + 1)
+        else:
+            r0 = tl.load(raw_ptr + offs, mask=mask, other=0).to(tl.uint32)
+            r1 = tl.zeros_like(r0)
+        r2 = tl.zeros_like(r0)
+        r3 = tl.zeros_like(r0)
+        if FMT == _FP16:
+            r1, _ = field_bytes(raw_ptr + n, offs, mask, (2 * n + 7) // 8, 2)
+        elif FMT == _FP32:
+            r1 = tl.load(raw_ptr + n + offs, mask=mask, other=0).to(tl.uint32)
+            r2 = tl.load(raw_ptr + 2 * n + offs, mask=mask, other=0).to(tl.uint32)
+        elif FMT == _LOSSY and NORMALIZE:
+            nb = (n + BLOCK_SIZE - 1) // BLOCK_SIZE
+            r2, r3 = field_bytes(scale_ptr, offs // BLOCK_SIZE, mask, (7 * nb + 7) // 8, 7)
+        return r0, r1, r2, r3
+
+    @triton.jit
+    def merge_raw(
+        sym,
+        r0,
+        r1,
+        r2,
+        r3,
+        offs,
+        mask,
         out_ptr,
         FMT: tl.constexpr,
         K: tl.constexpr,
@@ -66,36 +110,30 @@ if HAS_TRITON:
         NORMALIZE: tl.constexpr,
         OUT: tl.constexpr,
     ):
-        """Combine symbols with their raw bits at element indices ``offs`` and store the floats.
+        """Combine symbols with their raw bytes (r0..r3 from load_raw) and store the floats at
+        element indices ``offs``.
 
         ``out_ptr`` holds raw bits: uint16 for bf16/fp16 outputs, int32 for fp32 (OUT says which
         of FMT_BF16/FP16/FP32 the output is; lossless formats write their own dtype).
         """
-        n = tl.cast(n, tl.int64)  # sizes below are products of n: keep them 64-bit
         s = sym.to(tl.uint32)
         if FMT == _BF16:
-            r = tl.load(raw_ptr + offs, mask=mask, other=0).to(tl.uint32)
-            bits = ((r & 0x80) << 8) | (s << 7) | (r & 0x7F)
+            bits = ((r0 & 0x80) << 8) | (s << 7) | (r0 & 0x7F)
             tl.store(out_ptr + offs, bits.to(tl.uint16), mask=mask)
         elif FMT == _FP16:
-            r = tl.load(raw_ptr + offs, mask=mask, other=0).to(tl.uint32)
-            hi2 = load_field(raw_ptr + n, offs, mask, (2 * n + 7) // 8, 2)
-            bits = (s << 10) | (hi2 << 8) | r
+            hi2 = field_value(r1, r2, offs, 2)  # r2 is 0: a 2-bit field never straddles
+            bits = (s << 10) | (hi2 << 8) | r0
             tl.store(out_ptr + offs, bits.to(tl.uint16), mask=mask)
         elif FMT == _FP32:
-            r0 = tl.load(raw_ptr + offs, mask=mask, other=0).to(tl.uint32)
-            r1 = tl.load(raw_ptr + n + offs, mask=mask, other=0).to(tl.uint32)
-            r2 = tl.load(raw_ptr + 2 * n + offs, mask=mask, other=0).to(tl.uint32)
             bits = ((r2 & 0x80) << 24) | (s << 23) | ((r2 & 0x7F) << 16) | (r1 << 8) | r0
             tl.store(out_ptr + offs, bits.to(tl.int32, bitcast=True), mask=mask)
         else:
-            code = load_field(raw_ptr, offs, mask, ((K + 1) * n + 7) // 8, K + 1)
+            code = field_value(r0, r1, offs, K + 1)
             mant = code & ((1 << K) - 1)
             bits = ((code >> K) << 15) | (s << 7) | (mant << (7 - K))
             y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True).to(tl.float32)
             if NORMALIZE:
-                nb = (n + BLOCK_SIZE - 1) // BLOCK_SIZE
-                m = load_field(scale_ptr, offs // BLOCK_SIZE, mask, (7 * nb + 7) // 8, 7)
+                m = field_value(r2, r3, offs // BLOCK_SIZE, 7)
                 y = y * (1.0 + m.to(tl.float32) / 128.0)
             if OUT == _BF16:  # round to nearest even by hand: the same on GPU and interpreter
                 yb = y.to(tl.uint32, bitcast=True)
@@ -127,9 +165,8 @@ if HAS_TRITON:
         offs = pid * TILE + tl.arange(0, TILE)
         mask = offs < n
         sym = tl.load(sym_ptr + offs, mask=mask, other=0)
-        merge_values(
-            sym, offs, mask, n, raw_ptr, scale_ptr, out_ptr, FMT, K, BLOCK_SIZE, NORMALIZE, OUT
-        )
+        r0, r1, r2, r3 = load_raw(offs, mask, n, raw_ptr, scale_ptr, FMT, K, BLOCK_SIZE, NORMALIZE)
+        merge_raw(sym, r0, r1, r2, r3, offs, mask, out_ptr, FMT, K, BLOCK_SIZE, NORMALIZE, OUT)
 
     @triton.jit
     def _split_kernel(
