@@ -383,7 +383,10 @@ def _worker(job_path: str, out_dir: str) -> None:
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _REG = re.compile(r"\b(U?R\d+|U?P\d)(\.64|\.128)?\b")
 _SETP = re.compile(r"^[A-Z]*SETP|^PLOP3|^R2P")
-_NO_DEST = re.compile(r"^(ST|RED|BRA|EXIT|BAR|BSYNC|BSSY|WARPSYNC|NOP|CALL|RET|MEMBAR|YIELD|CCTL)")
+# (RED, a global reduction, writes no register; REDUX, a warp reduction, does)
+_NO_DEST = re.compile(
+    r"^(ST|RED(?!UX)|BRA|EXIT|BAR|BSYNC|BSSY|WARPSYNC|NOP|CALL|RET|MEMBAR|YIELD|CCTL)"
+)
 
 
 @dataclass
