@@ -31,7 +31,7 @@ from neuzip_offload.kernels import aot
 log = logging.getLogger("compile_kernels")
 
 # Kernels on the decode path: a spill there costs every forward pass.
-DECODE_PATH = ("_lut_kernel", "_decode_kernel", "_merge_kernel")
+DECODE_PATH = ("_decode_kernel", "_merge_kernel")
 
 
 def production_cases() -> list[tuple[torch.dtype, dict]]:

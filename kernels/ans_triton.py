@@ -3,14 +3,15 @@
 The decoder is the scheduler's GPU path. One launch covers every chunk of several tensors that
 share a kernel specialization (a block's, e.g. a layer's 7 matrices, or one tensor): a small
 tensor table (one int64 row per tensor: its offsets into the storages its planes and output
-view, its size, its first program) tells each program which tensor and chunk it decodes. The
-LUT kernel builds each program's slot table into the workspace; the decode kernel, one 1-warp
-program per chunk, walks its W lanes as one vector (a lane's word position from a 32-lane ballot
-and population counts) and writes finished floats, merging each step's symbols with raw bits
-loaded a step ahead (planes_triton.load_raw / merge_raw). So a block costs 2 launches (there
-were 2 per tensor). The encoder writes the stream ans.encode writes, bit for bit, where the
-symbols are (a CUDA device, or the CPU under Triton's interpreter). Streams, tables and their
-layout are ans.py's; both sides are tested against its CPU reference.
+view, its size, its first program) tells each program which tensor and chunk it decodes. Each
+program, one warp per chunk, first builds its chunk's slot table from the compact tables into
+its own region of the workspace, then walks its W lanes as one vector (a lane's word position
+from a 32-lane ballot and population counts) and writes finished floats, merging each step's
+symbols with raw bits loaded a step ahead (planes_triton.load_raw / merge_raw). So a block
+costs 1 launch (there were 2 per tensor, then 2 per block). The encoder writes the stream
+ans.encode writes, bit for bit, where the symbols are (a CUDA device, or the CPU under Triton's
+interpreter). Streams, tables and their layout are ans.py's; both sides are tested against its
+CPU reference.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .ans import (
 )
 
 # ---------------------------------------------------------------------------------------------
-# kernels: the decoder (LUT build + one program per chunk of a block, merge fused), encoder
+# kernels: the decoder (one program per chunk of a block, table build and merge fused), encoder
 # ---------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
@@ -106,19 +107,11 @@ if HAS_TRITON:
         return (word >> (pos & 7).to(tl.int32)) & ((1 << PROB_BITS) - 1)
 
     @triton.jit
-    def _lut_kernel(
-        tab_ptr,
-        n_tensors,
-        tlo_ptr,
-        tlen_ptr,
-        tfreq_ptr,
-        lut_ptr,
-        PROB_BITS: tl.constexpr,
-        TILE: tl.constexpr,
-        MAX_TENSORS: tl.constexpr,
+    def _build_lut(
+        row, c, tlo_ptr, tlen_ptr, tfreq_ptr, lut, PROB_BITS: tl.constexpr, TILE: tl.constexpr
     ):
-        """Program p's slot table (at lut_ptr + p * M): uint32 entries
-        symbol | (f - 1) << 8 | (slot - cum) << 20 of the chunk it decodes.
+        """Store chunk c's slot table at lut (M int32): uint32 entries
+        symbol | (f - 1) << 8 | (slot - cum) << 20, from the compact table the format stores.
 
         The M slots are walked in tiles of TILE (TILE / (32 * num_warps) registers per vector and
         thread). Symbols are visited once in all: a tile passes the symbols that end inside it and
@@ -126,9 +119,6 @@ if HAS_TRITON:
         entries that are 0 (absent symbols inside [lo, lo + len)) pass without taking a slot.
         """
         M: tl.constexpr = 1 << PROB_BITS
-        p = tl.program_id(0).to(tl.int64)
-        row = _row_of(tab_ptr, n_tensors, p, MAX_TENSORS)
-        c = _chunk_of(row, p)
         tlen = tlen_ptr + tl.load(row + _R_TLEN)
         freq_ptr = tfreq_ptr + tl.load(row + _R_TFREQ)
         nbytes = tl.load(row + _R_TBYTES)
@@ -159,7 +149,7 @@ if HAS_TRITON:
                 | ((f - 1).to(tl.uint32) << 8)
                 | ((slots - cum).to(tl.uint32) << 20)
             )
-            tl.store(lut_ptr + p * M + slots, entry.to(tl.int32, bitcast=True))
+            tl.store(lut + slots, entry.to(tl.int32, bitcast=True))
 
     @triton.jit
     def _decode_kernel(
@@ -168,6 +158,9 @@ if HAS_TRITON:
         words_ptr,
         states_ptr,
         woff_ptr,
+        tlo_ptr,
+        tlen_ptr,
+        tfreq_ptr,
         lut_ptr,
         raw_ptr,
         scale_ptr,
@@ -184,9 +177,11 @@ if HAS_TRITON:
         OUT: tl.constexpr,
         MAX_TENSORS: tl.constexpr,
         COUNT_DAMAGE: tl.constexpr,
+        LUT_TILE: tl.constexpr,
     ):
         """Program p decodes one chunk of its tensor (1 warp, its LANES lanes as one vector)
-        straight into the tensor's output, through the slot table at lut_ptr + p * M. Writes
+        straight into the tensor's output, through the slot table it first builds at
+        lut_ptr + p * M (from the compact tables, LUT_TILE slots at a time). Writes
         status[p] (1 = the chunk ended in its final state with every word read) and, with
         COUNT_DAMAGE, adds 1 to *damage_ptr when it did not."""
         M: tl.constexpr = 1 << PROB_BITS
@@ -206,7 +201,14 @@ if HAS_TRITON:
         out = out_ptr + tl.load(row + _R_OUT)
         base = c * CHUNK
         steps = (tl.minimum(n - base, CHUNK) + LANES - 1) // LANES
+        # the prologue: this program's slot table, in its own M-entry region of the workspace.
+        # Triton allocates no shared memory on request, so the table goes through global memory
+        # (L1/L2-resident, M * 4 bytes); the barrier (bar.sync: a CTA's global stores before it
+        # are visible to its threads after it) orders the table's stores before the step
+        # loop's loads from other lanes
         lut = lut_ptr + p * M
+        _build_lut(row, c, tlo_ptr, tlen_ptr, tfreq_ptr, lut, PROB_BITS, LUT_TILE)
+        tl.debug_barrier()
         # a lane's word is the chunk's next word plus the lanes below it that read one
         below = (tl.full((LANES,), 1, tl.uint32) << lanes.to(tl.uint32)) - 1
         # step s + 1's raw bits (and scales) load at the end of step s, into the registers (r0..r3)
@@ -286,9 +288,10 @@ if HAS_TRITON:
         tl.store(state_ptr + c * LANES + lanes, (x - ((x >> 31) << 32)).to(tl.int32))
 
 
-# Slots per tile of the LUT kernel: 4 per thread at 4 warps, so it needs few registers (one
-# vector of all 4096 slots at PROB_BITS=12 used ~255 registers and spilled)
-_LUT_TILE = 512
+# Slots per tile of the decode kernel's table build: 1 per thread of its one warp. The prologue
+# then needs <= 58 registers (sm_80-90), under the 64 that keep 32 one-warp CTAs per SM; 128-slot
+# tiles took 72-128 and cost occupancy (one vector of all 4096 slots used ~255 and spilled)
+_LUT_TILE = 32
 _COUNT_ROWS = 64  # chunks per histogram launch of the device encoder (bounds its index buffer)
 
 
@@ -465,31 +468,22 @@ def _launch(
     workspace: torch.Tensor | None,
     damage: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The LUT and decode launches over all chunks of ``jobs`` (planes in shared storages)."""
+    """The decode launch over all chunks of ``jobs`` (planes in shared storages)."""
     dev = jobs[0].out.device
     table, bases, programs = tensor_table(jobs, chunk_size)
     M = 1 << prob_bits
     if workspace is None or workspace.numel() < programs * M:
         workspace = torch.empty(programs * M, dtype=torch.int32, device=dev)
     status = torch.empty(programs, dtype=torch.int8, device=dev)
-    _lut_kernel[(programs,)](
-        table,
-        len(jobs),
-        bases["table_lo"],
-        bases["table_len"],
-        bases["table_freq"],
-        workspace,
-        PROB_BITS=prob_bits,
-        TILE=min(M, _LUT_TILE),
-        MAX_TENSORS=_MAX_TENSORS,
-        num_warps=4,
-    )
     _decode_kernel[(programs,)](
         table,
         len(jobs),
         bases["words"],
         bases["states"],
         bases["word_offsets"],
+        bases["table_lo"],
+        bases["table_len"],
+        bases["table_freq"],
         workspace,
         bases["raw"],
         bases["scales"],
@@ -506,6 +500,7 @@ def _launch(
         OUT=planes.FMT_OF[jobs[0].out.dtype],
         MAX_TENSORS=_MAX_TENSORS,
         COUNT_DAMAGE=damage is not None,
+        LUT_TILE=min(M, _LUT_TILE),
         num_warps=1,
     )
     return status
@@ -524,7 +519,7 @@ def decode_block_triton(
     damage: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode several tensors coded with the same settings (a block's) into their outputs: one
-    LUT launch and one decode launch over the chunks of all of them. Returns int8 status per
+    launch over the chunks of all of them. Returns int8 status per
     decoded chunk (1 = ok), the jobs' chunks in order.
 
     One launch covers jobs whose planes of each kind view one storage (a packed block's buffer)

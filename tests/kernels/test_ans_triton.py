@@ -1,11 +1,12 @@
-"""kernels/ans_triton.py: the rANS Triton encoder, LUT and decode kernels against ans.py."""
+"""kernels/ans_triton.py: the rANS Triton encoder and decode kernel (its slot tables included)
+against ans.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from neuzip_offload.kernels import ans, ans_triton, planes
+from neuzip_offload.kernels import ans, ans_triton, aot, planes
 from tests.helpers import TRITON_DEVICE, requires_triton, same_bits
 from tests.kernels.inputs import symbols
 
@@ -93,7 +94,7 @@ def test_triton_encoder_rejects_lanes_that_do_not_divide_the_chunk():
 
 
 def _lut_tables(prob_bits: int) -> torch.Tensor:
-    """Frequency tables [C, 256] that stress the LUT kernel's slot tiles: symbols ending exactly
+    """Frequency tables [C, 256] that stress the table build's slot tiles: symbols ending exactly
     on a tile boundary, zero-frequency gaps inside a table (also right after a boundary), one
     symbol, all 256 symbols, a rare symbol beside a dominant one, and random ones."""
     M = 1 << prob_bits
@@ -118,36 +119,35 @@ def _lut_tables(prob_bits: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("prob_bits", [8, 10, 12])
-def test_triton_lut_kernel_equals_build_luts(prob_bits):
-    """The LUT kernel walks the slots in tiles; its tables equal the CPU reference bit for bit."""
+def test_triton_decoder_slot_tables_equal_build_luts(prob_bits):
+    """The decode kernel's prologue walks the slots in tiles; the tables it leaves in the
+    workspace equal the CPU reference bit for bit. (The chunks have no words: their decode
+    reads none and ends damaged, which the tables do not depend on.)"""
     freq = _lut_tables(prob_bits)
     C, M = freq.shape[0], 1 << prob_bits
     lo, tlen, tfreq = ans.compact_tables(freq, prob_bits)
     dev = TRITON_DEVICE
     stream = ans.AnsStream(
         words=torch.zeros(0, dtype=torch.int16, device=dev),
-        states=torch.zeros(0, dtype=torch.int32, device=dev),
+        states=torch.full((C * 32,), 65536, dtype=torch.int32, device=dev),
         word_offsets=torch.zeros(C + 1, dtype=torch.int32, device=dev),
         table_lo=lo.to(dev),
         table_len=tlen.to(dev),
         table_freq=tfreq.to(dev),
     )
     out = torch.empty(C * 256, dtype=torch.bfloat16, device=dev)  # C chunks of 256
-    job = ans_triton.DecodeJob(stream, torch.zeros(0, dtype=torch.uint8, device=dev), None, out)
-    table, bases, programs = ans_triton.tensor_table([job], chunk_size=256)
-    assert programs == C
+    raw = torch.zeros(C * 256, dtype=torch.uint8, device=dev)
     lut = torch.full((C * M,), -1, dtype=torch.int32, device=dev)
-    ans_triton._lut_kernel[(C,)](
-        table,
-        1,
-        bases["table_lo"],
-        bases["table_len"],
-        bases["table_freq"],
-        lut,
-        PROB_BITS=prob_bits,
-        TILE=min(M, ans_triton._LUT_TILE),
-        MAX_TENSORS=ans_triton._MAX_TENSORS,
-        num_warps=4,
+    ans_triton.decode_triton(
+        stream,
+        raw,
+        None,
+        out,
+        fmt=planes.FMT_BF16,
+        chunk_size=256,
+        lanes=32,
+        prob_bits=prob_bits,
+        workspace=lut,
     )
     assert torch.equal(lut.cpu(), ans.build_luts(freq, prob_bits)[: C * M])
 
@@ -214,13 +214,17 @@ def _block_jobs(xs, cfg, *, packed, k, scales=False, damage_in=None):
     return jobs, refs
 
 
-def _count_launches(monkeypatch) -> list[int]:
-    calls: list[int] = []
+def _count_launches(monkeypatch) -> list[tuple[int, int]]:
+    """(tensors, Triton kernel launches) of each group decode_block_triton launches."""
+    calls: list[tuple[int, int]] = []
     launch = ans_triton._launch
 
     def counted(jobs, *args, **kw):
-        calls.append(len(jobs))
-        return launch(jobs, *args, **kw)
+        rec = aot.LaunchRecorder()
+        with rec.recording():
+            status = launch(jobs, *args, **kw)
+        calls.append((len(jobs), rec.launches))
+        return status
 
     monkeypatch.setattr(ans_triton, "_launch", counted)
     return calls
@@ -229,7 +233,7 @@ def _count_launches(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_a_packed_block_decodes_in_one_launch(dtype, monkeypatch):
     """A block's tensors (ragged last chunks, a one-chunk tensor, a one-symbol table, one
-    element) decode in one LUT + one decode launch into their places in one slot, bit for bit;
+    element) decode in one kernel launch into their places in one slot, bit for bit;
     the damage counter stays 0."""
     xs = [
         (torch.randn(700) * torch.logspace(-3, 2, 700)).to(dtype),
@@ -245,7 +249,7 @@ def test_a_packed_block_decodes_in_one_launch(dtype, monkeypatch):
     status = ans_triton.decode_block_triton(
         jobs, fmt=fmt, chunk_size=256, lanes=32, prob_bits=10, damage=damage
     )
-    assert calls == [4]
+    assert calls == [(4, 1)]
     assert status.tolist() == [1] * 7 and int(damage) == 0
     for job, ref in zip(jobs, refs, strict=True):
         assert same_bits(job.out.cpu(), ref)
@@ -264,7 +268,7 @@ def test_a_lossy_block_with_scales_decodes_in_one_launch(monkeypatch):
         lanes=32,
         prob_bits=12,
     )
-    assert calls == [2] and status.tolist() == [1, 1, 1]
+    assert calls == [(2, 1)] and status.tolist() == [1, 1, 1]
     for job, ref in zip(jobs, refs, strict=True):
         assert same_bits(job.out.cpu(), ref)
 
@@ -280,10 +284,10 @@ def test_block_damage_is_counted_on_the_device_and_other_storages_take_more_laun
     jobs, _ = _block_jobs(xs, (256, 32, 10), packed=True, k=None, damage_in=1)
     damage = torch.zeros(1, dtype=torch.int32, device=TRITON_DEVICE)
     status = ans_triton.decode_block_triton(jobs, damage=damage, **kw)
-    assert calls == [2]
+    assert calls == [(2, 1)]
     assert status.tolist() == [1, 1, 1, 0, 1] and int(damage) == 1
     jobs, refs = _block_jobs(xs, (256, 32, 10), packed=False, k=None)
     status = ans_triton.decode_block_triton(jobs, damage=damage, **kw)
-    assert calls == [2, 1, 1] and status.tolist() == [1] * 5 and int(damage) == 1
+    assert calls == [(2, 1), (1, 1), (1, 1)] and status.tolist() == [1] * 5 and int(damage) == 1
     for job, ref in zip(jobs, refs, strict=True):
         assert same_bits(job.out.cpu(), ref)

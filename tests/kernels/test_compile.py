@@ -34,7 +34,6 @@ PRODUCTION_KERNELS = {
     "_pack_kernel",
     "_lossy_split_kernel",
     "_encode_kernel",
-    "_lut_kernel",
     "_decode_kernel",
     "_merge_kernel",
 }
