@@ -15,8 +15,9 @@ No GPU is needed. The steps:
    TRITON_CACHE_DIR, no TRITON_* settings), and disassemble the cubin with the cuobjdump Triton
    ships: registers (``--dump-resource-usage``), shared memory (Triton's metadata), SASS.
 3. Per kernel: loops are the backward branches; the step loop is the largest top-level loop that
-   stores to global memory. One warp issues its body in order, one instruction per cycle, each
-   instruction waiting for its source registers (latencies below): three iterations are
+   stores to global memory and holds a warp operation (else the largest that stores); a table
+   built in the prologue is not counted. One warp issues its body in order, one instruction per
+   cycle, each instruction waiting for its source registers (latencies below): three iterations are
    simulated and the third one's cycles are the dependent chain per step. Global loads take their
    latency from where their address comes from: from a warp operation (the renormalization scan)
    -> the word stream, L1 (a 128-B line serves several steps); from another loaded value (the
@@ -666,7 +667,10 @@ def kernel_model(
     loops = find_loops(instrs, text)
     tops = [lp for lp in loops if lp.top]
     storing = [lp for lp in tops if lp.stores_global]
-    step = max(storing or tops, key=lambda lp: len(lp.body), default=None)
+    # the step loop renormalizes with a warp operation (the ballot); a table built in the
+    # prologue is a storing loop too, without one
+    warped = [lp for lp in storing if any(i.base in _WARP for i in lp.body)]
+    step = max(warped or storing or tops, key=lambda lp: len(lp.body), default=None)
     covered = {i.addr for lp in tops for i in lp.body}
     c = dict(spec.constexprs)
     lanes = args.symbols_per_step or (int(c["LANES"]) if "LANES" in c else None)
