@@ -400,7 +400,8 @@ def check_rans(
     chunk_size: int | None = None,
     configs: Sequence[tuple[str, dict, str]] = RANS_CONFIGS,
 ) -> None:
-    """The LUT kernel against build_luts, the decode kernel against the input (lossless) or the
+    """The slot tables the decode kernel builds in its prologue against build_luts, its output
+    against the input (lossless) or the
     torch lossy round trip, the encoder kernel against the CPU encoder, and on CUDA the whole
     compress() against the CPU's, planes and header (with its CRC) byte for byte."""
     import neuzip_offload as nzo
@@ -429,7 +430,7 @@ def check_rans(
             expect(bad == 0, f"rANS decode kernel {label}, {ct.name}", f"{bad} chunks damaged")
             stream = ct.ans_stream()
             lut = ans.build_luts(ans.expand_tables(stream, h.prob_bits), h.prob_bits)
-            expect_same(f"rANS LUT kernel {label}, {ct.name}", ws, lut[: h.n_chunks * M])
+            expect_same(f"rANS decode tables {label}, {ct.name}", ws, lut[: h.n_chunks * M])
             expect_same(f"rANS decode kernel {label}, {ct.name}", out, ref)
             if cfg.mode == "lossless":  # the encoder kernel alone, on lossless symbols
                 sym = planes.split(x)[0]

@@ -247,7 +247,7 @@ def test_gpu_check_kernel_checks_pass_under_the_interpreter():
     gpu_check.check_split_merge(report, cpu, sizes)
     gpu_check.check_lossy(report, cpu, sizes, subnormals=False)  # see lossy_input
     gpu_check.check_pack_bits(report, cpu, sizes)
-    # rANS at one ragged chunk per tensor: the interpreter's LUT kernel is slow
+    # rANS at one ragged chunk per tensor: the interpreter's table build is slow
     real = {"a real-like matrix": (torch.randn(1500) * 0.05).to(torch.bfloat16)}
     configs = [gpu_check.RANS_CONFIGS[0], gpu_check.RANS_CONFIGS[-1]]
     gpu_check.check_rans(report, cpu, real, (1000,), chunk_size=1024, configs=configs)

@@ -104,7 +104,7 @@ def test_pack_tail_past_2_31_bits():
 
 
 def test_rans_decode_of_the_last_chunk_of_a_70b_embedding_piece():
-    """The fused decoder (LUT kernel + decode kernel + lossy merge) on the last chunk of a
+    """The fused decoder (prologue tables + decode steps + lossy merge) on the last chunk of a
     525M-weight tensor at k = 4, against the CPU decode and merge of the same chunk."""
     chunk, lanes, pb, k, block = 1 << 16, 32, 12, 4, 512
     n = EMBED_PIECE + 1000  # a ragged last chunk of 1000 symbols
