@@ -601,6 +601,7 @@ class KernelModel:
     constexprs: dict[str, Any]
     symbols_per_step: int | None
     symbols_per_program: int | None
+    unroll: int = 1  # steps per trip of the step loop (the figures per step divide by it)
 
     @property
     def warps_per_sm(self) -> int:
@@ -622,7 +623,9 @@ class KernelModel:
         return 1
 
     def table_bytes(self) -> int:
-        return 4 << int(self.constexprs.get("PROB_BITS", 12))
+        """A program's decode tables: 2**PROB_BITS slot bytes and 256 int32 (f, cum) entries
+        (ans_triton.table_words); the encoder's 257 int64 entries are smaller."""
+        return (1 << int(self.constexprs.get("PROB_BITS", 12))) + 1024
 
     def level(self, hw: Hardware, warps: float) -> Callable[[str], str]:
         fits = warps * self.table_bytes() <= hw.l1 - self.shared * self.ctas_per_sm
@@ -674,6 +677,10 @@ def kernel_model(
     covered = {i.addr for lp in tops for i in lp.body}
     c = dict(spec.constexprs)
     lanes = args.symbols_per_step or (int(c["LANES"]) if "LANES" in c else None)
+    # an unrolled step loop (the decoder's: 4 steps per trip) does one ballot per step
+    unroll = max(1, sum(i.base in _WARP for i in step.body)) if step is not None else 1
+    if lanes and not args.symbols_per_step:
+        lanes *= unroll
     chunk = args.symbols_per_program or (int(c["CHUNK"]) if "CHUNK" in c else None)
     return KernelModel(
         compiled.kernel,
@@ -688,6 +695,7 @@ def kernel_model(
         c,
         lanes,
         chunk,
+        unroll,
     )
 
 
@@ -773,12 +781,14 @@ def model_recording(
             _, chain = m.program_cycles(hw, warps_full)
             key = f"{rec.what}|sm_{arch}|{m.kernel}"
             step = m.step
-            ins = len(step.body) if step else 0
+            ins = round(len(step.body) / m.unroll) if step else 0
             figures[f"{key}|instructions"] = ins
-            figures[f"{key}|chain"] = chain.cycles if chain else 0
+            per_step = chain.cycles / m.unroll if chain else 0
+            figures[f"{key}|chain"] = per_step
             on_chain = (
                 ", ".join(
-                    f"{k} {v:.0f}" for k, v in sorted(chain.stalls.items(), key=lambda kv: -kv[1])
+                    f"{k} {v / m.unroll:.0f}"
+                    for k, v in sorted(chain.stalls.items(), key=lambda kv: -kv[1])
                 )
                 if chain
                 else "-"
@@ -789,15 +799,13 @@ def model_recording(
                     "arch": f"sm_{arch}",
                     "kernel": m.kernel,
                     "instr/step": _with_old(ins, f"{key}|instructions", old),
-                    "classes": " ".join(f"{k}:{v}" for k, v in sorted(cls.items())),
+                    "classes": " ".join(f"{k}:{v / m.unroll:.3g}" for k, v in sorted(cls.items())),
                     "regs": m.registers,
                     "smem B": m.shared,
                     "warps/CTA": m.num_warps,
                     "occupancy warps/SM": f"{m.warps_per_sm} ({m.ctas_per_sm} CTAs)",
-                    "steps/program": m.step_trips() if step else "-",
-                    "chain cycles/step": _with_old(chain.cycles, f"{key}|chain", old)
-                    if chain
-                    else "-",
+                    "steps/program": m.step_trips() * m.unroll if step else "-",
+                    "chain cycles/step": _with_old(per_step, f"{key}|chain", old) if chain else "-",
                     "stalls on the chain (cycles)": on_chain,
                 }
             )
@@ -846,7 +854,7 @@ def assumptions() -> list[str]:
         "loads: address from a warp op = word stream (L1), from a loaded value = table gather "
         "(L1 while the resident warps' tables fit, else L2), from the loop counter = plane "
         "stream (DRAM)",
-        "- kernel rows: at full occupancy; table size 4 x 2**PROB_BITS bytes per program",
+        "- kernel rows: at full occupancy; tables 2**PROB_BITS + 1024 bytes per program",
         "- step = max(chain, resident warps x instructions / 4); kernel = waves x program; "
         "at least bytes moved / HBM bandwidth; torch ops between launches not modelled",
     ]

@@ -400,14 +400,14 @@ def check_rans(
     chunk_size: int | None = None,
     configs: Sequence[tuple[str, dict, str]] = RANS_CONFIGS,
 ) -> None:
-    """The slot tables the decode kernel builds in its prologue against build_luts, its output
+    """The tables the decode kernel builds in its prologue against their CPU reference, its output
     against the input (lossless) or the
     torch lossy round trip, the encoder kernel against the CPU encoder, and on CUDA the whole
     compress() against the CPU's, planes and header (with its CRC) byte for byte."""
     import neuzip_offload as nzo
     from neuzip_offload.codec import decode_into
     from neuzip_offload.config import CodecConfig
-    from neuzip_offload.kernels import ans, ans_triton, planes
+    from neuzip_offload.kernels import ans_triton, planes
 
     cuda = dev.type == "cuda"
     for label, kw, scope in configs:
@@ -422,15 +422,15 @@ def check_rans(
             if h.lossy:
                 parts = planes.lossy_split(x, h.mantissa_bits, h.block_size, h.normalize)
                 ref = planes.lossy_merge(*parts, h.mantissa_bits, h.block_size, h.dtype)
-            M = 1 << h.prob_bits
-            ws = torch.full((h.n_chunks * M,), -1, dtype=torch.int32, device=dev)
+            words = ans_triton.table_words(h.n_chunks, h.prob_bits)
+            ws = torch.full((words,), -1, dtype=torch.int32, device=dev)
             out = torch.empty(ct.numel, dtype=ct.dtype, device=dev)
             status = decode_into(ct.to(dev), out, workspace=ws, use_triton=True)
             bad = int((status != 1).sum())
             expect(bad == 0, f"rANS decode kernel {label}, {ct.name}", f"{bad} chunks damaged")
             stream = ct.ans_stream()
-            lut = ans.build_luts(ans.expand_tables(stream, h.prob_bits), h.prob_bits)
-            expect_same(f"rANS decode tables {label}, {ct.name}", ws, lut[: h.n_chunks * M])
+            tables = ans_triton.decode_tables(stream, h.prob_bits)
+            expect_same(f"rANS decode tables {label}, {ct.name}", ws.view(torch.uint8), tables)
             expect_same(f"rANS decode kernel {label}, {ct.name}", out, ref)
             if cfg.mode == "lossless":  # the encoder kernel alone, on lossless symbols
                 sym = planes.split(x)[0]
@@ -445,7 +445,7 @@ def check_rans(
                 expect_same(f"rANS encode kernel {ct.name}, tables", got_freq, want_freq)
         n_real = sum(k in real for k in tensors)
         note = f"{len(cts)} tensors ({sum(ct.numel for ct in cts)} weights), {n_real} real"
-        report.row(f"rANS LUT + decode kernels, {label}", "ok", note)
+        report.row(f"rANS decode kernel (tables + decode), {label}", "ok", note)
         if cuda:
             on_gpu = nzo.compress_many([t.to(dev) for t in tensors.values()], cfg, list(tensors))
             for a, b in zip(cts, on_gpu, strict=True):
@@ -559,7 +559,7 @@ def _kernel_rates(ctx: Context, copy_gbps: float) -> None:
     import neuzip_offload as nzo
     from neuzip_offload.codec import decode_into
     from neuzip_offload.config import CodecConfig
-    from neuzip_offload.kernels import planes_triton
+    from neuzip_offload.kernels import ans_triton, planes_triton
 
     report, dev = ctx.report, ctx.dev
     g = torch.Generator(device=dev).manual_seed(0)
@@ -584,9 +584,10 @@ def _kernel_rates(ctx: Context, copy_gbps: float) -> None:
     for label, kw in (("lossless", {}), ("lossy k=3", {"mode": "lossy", "mantissa_bits": 3})):
         cfg = CodecConfig(codec="ans", **kw)
         ct = nzo.compress(x, config=cfg)
-        ws = torch.empty(ct.header.n_chunks << ct.header.prob_bits, dtype=torch.int32, device=dev)
+        words = ans_triton.table_words(ct.header.n_chunks, ct.header.prob_bits)
+        ws = torch.empty(words, dtype=torch.int32, device=dev)
         t = cuda_time(lambda ct=ct, ws=ws: decode_into(ct, out, workspace=ws))
-        rate(f"rANS LUT + decode {label}", t, f"{ct.bits_per_weight:.3f} bits/weight")
+        rate(f"rANS decode {label}", t, f"{ct.bits_per_weight:.3f} bits/weight")
         t = wall_time(lambda cfg=cfg: nzo.compress(x, config=cfg))
         rate(f"compress on the GPU {label} (wall, with its syncs)", t)
     if importlib.util.find_spec("neuzip_offload.kernels.crc") is not None:
@@ -597,11 +598,14 @@ def _kernel_rates(ctx: Context, copy_gbps: float) -> None:
 
 
 def _layer_8b(ctx: Context, pcie: float) -> None:
-    """One 8B layer decoded as the executor decodes a block: decode_into per tensor into views
-    of one slot buffer, one workspace, on one stream, a damage count per tensor."""
+    """One 8B layer decoded into views of one slot buffer, one workspace, on one stream, with a
+    damage count: per tensor (decode_into each), and as the executor decodes a block (its
+    planes packed in one buffer: one launch)."""
     import neuzip_offload as nzo
     from neuzip_offload.codec import decode_into
     from neuzip_offload.config import CodecConfig
+    from neuzip_offload.kernels import ans_triton, planes
+    from neuzip_offload.scheduler.layout import PackedLayout, bind, pack
 
     report, dev = ctx.report, ctx.dev
     g = torch.Generator(device=dev).manual_seed(1)
@@ -616,31 +620,56 @@ def _layer_8b(ctx: Context, pcie: float) -> None:
         for ct in cts:
             views.append(slot[at : at + ct.numel])
             at += ct.numel
-        ws = torch.empty(
-            max(ct.header.n_chunks << ct.header.prob_bits for ct in cts),
-            dtype=torch.int32,
-            device=dev,
-        )
-        damage = torch.zeros((), dtype=torch.int32, device=dev)
+        chunks = sum(ct.header.n_chunks for ct in cts)
+        h = cts[0].header
+        ws = torch.empty(ans_triton.table_words(chunks, h.prob_bits), dtype=torch.int32, device=dev)
+        damage = torch.zeros(1, dtype=torch.int32, device=dev)
 
-        def block(cts=cts, views=views, ws=ws, damage=damage) -> None:
+        def per_tensor(cts=cts, views=views, ws=ws, damage=damage) -> None:
             for ct, v in zip(cts, views, strict=True):
-                need = ct.header.n_chunks << ct.header.prob_bits
-                status = decode_into(ct, v, workspace=ws[:need])
-                damage.add_((status == 0).sum(dtype=torch.int32))
+                status = decode_into(ct, v, workspace=ws)
+                if status is not None:  # None: a host decode, checked at once
+                    damage.add_((status == 0).sum(dtype=torch.int32))
 
-        t = cuda_time(block, repeat=10)
-        expect(int(damage) == 0, f"8B layer decode {label}", f"{int(damage)} chunks damaged")
+        # as the executor decodes a block: planes packed in one buffer, one launch
+        layout = PackedLayout.of(cts)
+        buf = pack(cts, lambda nb: torch.empty(nb, dtype=torch.uint8, device=dev))
+        packed = bind(cts, layout, buf)
+        jobs = [
+            ans_triton.DecodeJob(ct.ans_stream(), ct.planes["raw"], ct.planes.get("scales"), v)
+            for ct, v in zip(packed, views, strict=True)
+        ]
+        settings = dict(
+            fmt=planes.FMT_LOSSY if h.lossy else planes.FMT_OF[h.dtype],
+            mantissa_bits=h.mantissa_bits,
+            block_size=h.block_size,
+            chunk_size=h.chunk_size,
+            lanes=h.lanes,
+            prob_bits=h.prob_bits,
+        )
+
+        def one_launch(jobs=jobs, ws=ws, damage=damage, settings=settings) -> None:
+            ans_triton.decode_block_triton(jobs, workspace=ws, damage=damage, **settings)
+
         comp = sum(ct.nbytes for ct in cts)
         t_pcie = comp / (pcie * 1e9)
-        report.row(
-            f"8B layer decode {label}, GB/s of bf16",
-            f"{2 * n / 1e9 / t:.0f}",
-            f"{t * 1e3:.2f} ms for {n / 1e6:.0f}M weights; PCIe copy of its "
-            f"{comp / 1e6:.0f} MB at {pcie:.1f} GB/s: {t_pcie * 1e3:.2f} ms "
-            f"(decode / PCIe = {t / t_pcie:.2f})",
-        )
-        del cts, slot, views, ws
+        for how, fn in (("per tensor", per_tensor), ("one launch", one_launch)):
+            damage.zero_()
+            slot.zero_()
+            t = cuda_time(fn, repeat=10)
+            expect(int(damage) == 0, f"8B layer decode {label} {how}", f"{int(damage)} damaged")
+            if not h.lossy:
+                got = torch.cat([v.reshape(-1) for v in views])
+                want = torch.cat([w.reshape(-1) for w in mats.values()])
+                expect_same(f"8B layer decode {label} {how}", got, want)
+            report.row(
+                f"8B layer decode {label} ({how}), GB/s of bf16",
+                f"{2 * n / 1e9 / t:.0f}",
+                f"{t * 1e3:.2f} ms for {n / 1e6:.0f}M weights; PCIe copy of its "
+                f"{comp / 1e6:.0f} MB at {pcie:.1f} GB/s: {t_pcie * 1e3:.2f} ms "
+                f"(decode / PCIe = {t / t_pcie:.2f})",
+            )
+        del cts, packed, buf, jobs, slot, views, ws
 
 
 def section_timings(ctx: Context) -> None:

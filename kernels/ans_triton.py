@@ -28,6 +28,7 @@ from .ans import (
     AnsStream,
     compact_tables,
     encoder_tables,
+    expand_tables,
     n_chunks,
     normalize_counts,
 )
@@ -107,49 +108,114 @@ if HAS_TRITON:
         return (word >> (pos & 7).to(tl.int32)) & ((1 << PROB_BITS) - 1)
 
     @triton.jit
-    def _build_lut(
-        row, c, tlo_ptr, tlen_ptr, tfreq_ptr, lut, PROB_BITS: tl.constexpr, TILE: tl.constexpr
+    def _build_tables(
+        row,
+        c,
+        tlo_ptr,
+        tlen_ptr,
+        tfreq_ptr,
+        slot_sym,
+        sym_fc,
+        PROB_BITS: tl.constexpr,
+        TILE: tl.constexpr,
     ):
-        """Store chunk c's slot table at lut (M int32): uint32 entries
-        symbol | (f - 1) << 8 | (slot - cum) << 20, from the compact table the format stores.
+        """Store chunk c's decode tables, from the compact table the format stores: at slot_sym
+        (M uint8) the table index j of the symbol owning each slot (the symbol is lo + j), at
+        sym_fc (256 int32) per index j: (f - 1) | cum << 12 (0 for an absent symbol or past the
+        table's end). Returns lo.
 
-        The M slots are walked in tiles of TILE (TILE / (32 * num_warps) registers per vector and
-        thread). Symbols are visited once in all: a tile passes the symbols that end inside it and
-        hands the one that crosses its end (j, starting at slot run) to the next tile. Table
-        entries that are 0 (absent symbols inside [lo, lo + len)) pass without taking a slot.
+        Split so that a program's tables take M + 1 KB (5 KB at 12 bits, not 16 KB of one int32
+        entry per slot): a full SM's resident programs keep theirs in L1. The M slots are walked
+        in tiles of TILE: symbols are visited once in all, a tile passes the symbols that end
+        inside it and hands the one that crosses its end (j, starting at slot run) to the next
+        tile; table entries that are 0 pass without taking a slot.
         """
         M: tl.constexpr = 1 << PROB_BITS
         tlen = tlen_ptr + tl.load(row + _R_TLEN)
         freq_ptr = tfreq_ptr + tl.load(row + _R_TFREQ)
         nbytes = tl.load(row + _R_TBYTES)
         t0 = _table_start(tlen, c, TILE)
-        nsym = tl.load(tlen + c).to(tl.int64) + 1
+        nsym = tl.load(tlen + c).to(tl.int32) + 1
         lo = tl.load(tlo_ptr + tl.load(row + _R_TLO) + c).to(tl.int32)
+        # per symbol: f and cum (a running sum carried across tiles of TILE symbols)
+        carry = tl.zeros((), dtype=tl.int32)
+        for t in range(0, 256 // TILE):
+            j = t * TILE + tl.arange(0, TILE)
+            f = _table_entry(freq_ptr, t0 + j, nbytes, PROB_BITS)
+            f = tl.where(j < nsym, tl.where(nsym == 1, M, f), 0)
+            cum = carry + tl.cumsum(f, 0) - f
+            carry += tl.sum(f, 0)
+            tl.store(sym_fc + j, tl.where(f > 0, (f - 1) | (cum << 12), 0))
+        # per slot: the index of its symbol
         j = tl.zeros((), dtype=tl.int32)  # the first symbol not yet passed
         run = tl.zeros((), dtype=tl.int32)  # where symbol j starts: the sum of f before it
         for t in range(0, M // TILE):
             slots = t * TILE + tl.arange(0, TILE)
             last = t * TILE + TILE - 1
             idx = tl.zeros((TILE,), dtype=tl.int32) + j
-            cum = tl.zeros((TILE,), dtype=tl.int32) + run
             fj = tl.where(nsym == 1, M, _table_entry(freq_ptr, t0 + j, nbytes, PROB_BITS))
             # frequencies sum to M (validated), so some symbol ends past every tile; j < nsym
             # only bounds the walk for a damaged table
             while (run + fj <= last) & (j < nsym):
                 run += fj
-                past = slots >= run  # slots from here on belong to a later symbol
-                idx += past.to(tl.int32)
-                cum += tl.where(past, fj, 0)
+                idx += (slots >= run).to(tl.int32)  # slots from here on: a later symbol
                 j += 1
                 fj = _table_entry(freq_ptr, t0 + j, nbytes, PROB_BITS)
-            f = _table_entry(freq_ptr, t0 + idx, nbytes, PROB_BITS)
-            f = tl.where(nsym == 1, M, f)
-            entry = (
-                (lo + idx).to(tl.uint32)
-                | ((f - 1).to(tl.uint32) << 8)
-                | ((slots - cum).to(tl.uint32) << 20)
-            )
-            tl.store(lut + slots, entry.to(tl.int32, bitcast=True))
+            tl.store(slot_sym + slots, idx.to(tl.uint8))
+        return lo
+
+    @triton.jit
+    def _decode_step(
+        x,
+        ptr,
+        end,
+        offs,
+        valid,
+        lanes,
+        below,
+        lo,
+        slot_sym,
+        sym_fc,
+        words,
+        out,
+        r0,
+        r1,
+        r2,
+        r3,
+        LANES: tl.constexpr,
+        PROB_BITS: tl.constexpr,
+        FMT: tl.constexpr,
+        K: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+        OUT: tl.constexpr,
+    ):
+        """One step of a chunk's lanes: decode a symbol per valid lane through the slot table,
+        renormalize (the lanes that need a word take the next ones in lane order), merge the
+        symbols with their raw bits (r0..r3, loaded earlier) and store the floats. Invalid lanes
+        keep their state and read nothing. Returns (states, word pointer)."""
+        M: tl.constexpr = 1 << PROB_BITS
+        slot = x & (M - 1)
+        j = tl.load(slot_sym + slot).to(tl.uint32)
+        fc = tl.load(sym_fc + j).to(tl.uint32, bitcast=True)
+        x_new = ((fc & 0xFFF) + 1) * (x >> PROB_BITS) + slot - (fc >> 12)
+        x = tl.where(valid, x_new, x)
+        need = valid & (x < 65536)
+        if LANES <= 32:  # a ballot (OR-reduce: redux.sync) and population counts
+            ballot = tl.reduce(need.to(tl.uint32) << lanes.to(tl.uint32), 0, _bit_or)
+            pos = ptr + _popcount(ballot & below).to(tl.int64)
+            taken = _popcount(ballot).to(tl.int64)
+        else:  # more lanes than a 32-bit ballot holds: an exclusive prefix sum
+            inc = tl.cumsum(need.to(tl.int32), 0)
+            pos = ptr + (inc - need.to(tl.int32)).to(tl.int64)
+            taken = tl.sum(need.to(tl.int64), 0)
+        w = tl.load(words + pos, mask=need & (pos < end), other=0)
+        w = w.to(tl.uint16, bitcast=True).to(tl.uint32)
+        x = tl.where(need, (x << 16) | w, x)
+        planes_triton.merge_raw(
+            lo + j, r0, r1, r2, r3, offs, valid, out, FMT, K, BLOCK_SIZE, NORMALIZE, OUT
+        )
+        return x, ptr + taken
 
     @triton.jit
     def _decode_kernel(
@@ -161,7 +227,8 @@ if HAS_TRITON:
         tlo_ptr,
         tlen_ptr,
         tfreq_ptr,
-        lut_ptr,
+        ws8_ptr,
+        ws32_ptr,
         raw_ptr,
         scale_ptr,
         out_ptr,
@@ -180,8 +247,9 @@ if HAS_TRITON:
         LUT_TILE: tl.constexpr,
     ):
         """Program p decodes one chunk of its tensor (1 warp, its LANES lanes as one vector)
-        straight into the tensor's output, through the slot table it first builds at
-        lut_ptr + p * M (from the compact tables, LUT_TILE slots at a time). Writes
+        straight into the tensor's output, through the decode tables it first builds in its
+        region of the workspace (bytes p * R .. (p + 1) * R, R = M + 1024; ws8_ptr and ws32_ptr
+        view the same workspace as uint8 and int32). Writes
         status[p] (1 = the chunk ended in its final state with every word read) and, with
         COUNT_DAMAGE, adds 1 to *damage_ptr when it did not."""
         M: tl.constexpr = 1 << PROB_BITS
@@ -201,48 +269,76 @@ if HAS_TRITON:
         out = out_ptr + tl.load(row + _R_OUT)
         base = c * CHUNK
         steps = (tl.minimum(n - base, CHUNK) + LANES - 1) // LANES
-        # the prologue: this program's slot table, in its own M-entry region of the workspace.
-        # Triton allocates no shared memory on request, so the table goes through global memory
-        # (L1/L2-resident, M * 4 bytes); the barrier (bar.sync: a CTA's global stores before it
-        # are visible to its threads after it) orders the table's stores before the step
+        # the prologue: this program's decode tables, in its own region of the workspace.
+        # Triton allocates no shared memory on request, so the tables go through global memory
+        # (L1-resident: M + 1024 bytes); the barrier (bar.sync: a CTA's global stores before it
+        # are visible to its threads after it) orders the tables' stores before the step
         # loop's loads from other lanes
-        lut = lut_ptr + p * M
-        _build_lut(row, c, tlo_ptr, tlen_ptr, tfreq_ptr, lut, PROB_BITS, LUT_TILE)
+        region = p * (M + 1024)  # bytes: M slot indices, then 256 int32 (f, cum)
+        slot_sym = ws8_ptr + region
+        sym_fc = ws32_ptr + (region + M) // 4
+        lo = _build_tables(
+            row, c, tlo_ptr, tlen_ptr, tfreq_ptr, slot_sym, sym_fc, PROB_BITS, LUT_TILE
+        ).to(tl.uint32)
         tl.debug_barrier()
         # a lane's word is the chunk's next word plus the lanes below it that read one
         below = (tl.full((LANES,), 1, tl.uint32) << lanes.to(tl.uint32)) - 1
-        # step s + 1's raw bits (and scales) load at the end of step s, into the registers (r0..r3)
-        # step s's merge has just read, and wait there through step s + 1's dependent chain:
-        # their DRAM latency overlaps that chain instead of adding to it
+        # Raw bits (and scales) load AHEAD = 4 steps before their merge: the trip below decodes 4
+        # steps, each merging the set (a, b, c, d) loaded one trip earlier and then loading the
+        # same set for 4 steps later into it. A load's DRAM latency (~550 cycles, more under
+        # load) so overlaps ~4 dependent chains of ~190 cycles instead of stalling the next one.
+        # The sets are separate registers, never moved (a move would wait for the load).
+        # Steps past the chunk's end (the last trip's) are masked: they change no state.
         end_offs = tl.minimum(n, base + CHUNK)
-        r0, r1, r2, r3 = planes_triton.load_raw(
-            base + lanes, base + lanes < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+        o = base + lanes
+        a0, a1, a2, a3 = planes_triton.load_raw(
+            o, o < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
         )
-        for s in range(0, steps):
-            offs = base + s * LANES + lanes
-            valid = offs < n
-            e = tl.load(lut + (x & (M - 1))).to(tl.uint32, bitcast=True)
-            x_new = (((e >> 8) & 0xFFF) + 1) * (x >> PROB_BITS) + (e >> 20)
-            x = tl.where(valid, x_new, x)
-            need = valid & (x < 65536)
-            if LANES <= 32:  # a ballot (OR-reduce: redux.sync) and population counts
-                ballot = tl.reduce(need.to(tl.uint32) << lanes.to(tl.uint32), 0, _bit_or)
-                pos = ptr + _popcount(ballot & below).to(tl.int64)
-                taken = _popcount(ballot).to(tl.int64)
-            else:  # more lanes than a 32-bit ballot holds: an exclusive prefix sum
-                inc = tl.cumsum(need.to(tl.int32), 0)
-                pos = ptr + (inc - need.to(tl.int32)).to(tl.int64)
-                taken = tl.sum(need.to(tl.int64), 0)
-            w = tl.load(words + pos, mask=need & (pos < end), other=0)
-            w = w.to(tl.uint16, bitcast=True).to(tl.uint32)
-            x = tl.where(need, (x << 16) | w, x)
-            ptr += taken
-            planes_triton.merge_raw(
-                e & 0xFF, r0, r1, r2, r3, offs, valid, out, FMT, K, BLOCK_SIZE, NORMALIZE, OUT
+        o += LANES
+        b0, b1, b2, b3 = planes_triton.load_raw(
+            o, o < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+        )
+        o += LANES
+        c0, c1, c2, c3 = planes_triton.load_raw(
+            o, o < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+        )
+        o += LANES
+        d0, d1, d2, d3 = planes_triton.load_raw(
+            o, o < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+        )
+        AHEAD: tl.constexpr = 4 * LANES
+        for s in range(0, steps, 4):
+            o = base + s * LANES + lanes
+            x, ptr = _decode_step(
+                x, ptr, end, o, o < end_offs, lanes, below, lo, slot_sym, sym_fc, words, out,
+                a0, a1, a2, a3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
+            )  # fmt: skip
+            a0, a1, a2, a3 = planes_triton.load_raw(
+                o + AHEAD, o + AHEAD < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
             )
-            ahead = offs + LANES
-            r0, r1, r2, r3 = planes_triton.load_raw(
-                ahead, ahead < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+            o += LANES
+            x, ptr = _decode_step(
+                x, ptr, end, o, o < end_offs, lanes, below, lo, slot_sym, sym_fc, words, out,
+                b0, b1, b2, b3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
+            )  # fmt: skip
+            b0, b1, b2, b3 = planes_triton.load_raw(
+                o + AHEAD, o + AHEAD < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+            )
+            o += LANES
+            x, ptr = _decode_step(
+                x, ptr, end, o, o < end_offs, lanes, below, lo, slot_sym, sym_fc, words, out,
+                c0, c1, c2, c3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
+            )  # fmt: skip
+            c0, c1, c2, c3 = planes_triton.load_raw(
+                o + AHEAD, o + AHEAD < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+            )
+            o += LANES
+            x, ptr = _decode_step(
+                x, ptr, end, o, o < end_offs, lanes, below, lo, slot_sym, sym_fc, words, out,
+                d0, d1, d2, d3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
+            )  # fmt: skip
+            d0, d1, d2, d3 = planes_triton.load_raw(
+                o + AHEAD, o + AHEAD < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
             )
         ok = (tl.sum((x != 65536).to(tl.int32), 0) == 0) & (ptr == end)
         tl.store(status_ptr + p, ok.to(tl.int8))
@@ -293,6 +389,29 @@ if HAS_TRITON:
 # tiles took 72-128 and cost occupancy (one vector of all 4096 slots used ~255 and spilled)
 _LUT_TILE = 32
 _COUNT_ROWS = 64  # chunks per histogram launch of the device encoder (bounds its index buffer)
+
+
+def table_words(chunks: int, prob_bits: int = DEFAULT_PROB_BITS) -> int:
+    """int32 words of decode workspace a launch over ``chunks`` chunks needs: per program,
+    2**prob_bits slot indices (bytes) and 256 int32 (f, cum) entries."""
+    return chunks * (((1 << prob_bits) + 1024) // 4)
+
+
+def decode_tables(stream: AnsStream, prob_bits: int) -> torch.Tensor:
+    """The decode kernel's tables of every chunk of ``stream``, as it leaves them in the workspace
+    (uint8 [chunks * (2**prob_bits + 1024)], on the CPU): the CPU reference for tests and
+    gpu_check. Per chunk: the index (symbol - lo) of each slot's symbol, then per index j
+    (f - 1) | cum << 12 as int32, 0 for an absent symbol or past the table."""
+    freq = expand_tables(stream, prob_bits).to(torch.int64)  # [C, 256] by symbol
+    C, M = freq.shape[0], 1 << prob_bits
+    lo = stream.table_lo.cpu().to(torch.int64)
+    j = torch.arange(256)
+    sym = (lo[:, None] + j[None, :]).clamp(max=255)
+    f = torch.where(lo[:, None] + j[None, :] <= 255, freq.gather(1, sym), 0)
+    cum = f.cumsum(dim=1) - f
+    fc = torch.where(f > 0, (f - 1) | (cum << 12), 0).to(torch.int32)
+    slot_sym = torch.repeat_interleave(j.repeat(C), f.reshape(-1)).view(C, M).to(torch.uint8)
+    return torch.cat([slot_sym, fc.view(torch.uint8)], dim=1).reshape(-1)
 
 
 def _chunk_counts_device(sym: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -471,9 +590,9 @@ def _launch(
     """The decode launch over all chunks of ``jobs`` (planes in shared storages)."""
     dev = jobs[0].out.device
     table, bases, programs = tensor_table(jobs, chunk_size)
-    M = 1 << prob_bits
-    if workspace is None or workspace.numel() < programs * M:
-        workspace = torch.empty(programs * M, dtype=torch.int32, device=dev)
+    need = table_words(programs, prob_bits)
+    if workspace is None or workspace.numel() < need:
+        workspace = torch.empty(need, dtype=torch.int32, device=dev)
     status = torch.empty(programs, dtype=torch.int8, device=dev)
     _decode_kernel[(programs,)](
         table,
@@ -484,6 +603,7 @@ def _launch(
         bases["table_lo"],
         bases["table_len"],
         bases["table_freq"],
+        workspace.view(torch.uint8),
         workspace,
         bases["raw"],
         bases["scales"],
@@ -500,7 +620,7 @@ def _launch(
         OUT=planes.FMT_OF[jobs[0].out.dtype],
         MAX_TENSORS=_MAX_TENSORS,
         COUNT_DAMAGE=damage is not None,
-        LUT_TILE=min(M, _LUT_TILE),
+        LUT_TILE=_LUT_TILE,  # <= 256 <= M: prob_bits >= 8
         num_warps=1,
     )
     return status

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .compressed import CompressedTensor
+from .kernels import ans_triton
 from .model_analysis import Weight
 from .scheduler.layout import SLOT_ALIGN, PackedLayout, slot_layout
 from .scheduler.plan import BlockSpec
@@ -169,8 +170,9 @@ def _measured(
     g: Group, cts: list[CompressedTensor], device: torch.device, on_disk: bool, encoded: bool
 ) -> BlockSpec:
     _, slot_bytes = slot_layout(cts, [m.key for m in g.members])
-    if device.type == "cuda":  # rANS slot tables, int32: the block's tensors in one launch
-        ws = sum(4 * (ct.header.n_chunks << ct.header.prob_bits) for ct in cts if ct.codec == "ans")
+    if device.type == "cuda":  # rANS decode tables: the block's tensors in one launch
+        ans_cts = [ct.header for ct in cts if ct.codec == "ans"]
+        ws = sum(4 * ans_triton.table_words(h.n_chunks, h.prob_bits) for h in ans_cts)
     else:  # the zstd symbol buffer
         ws = max((ct.numel for ct in cts if ct.codec == "zstd"), default=0)
     return BlockSpec(

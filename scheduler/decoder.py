@@ -100,7 +100,8 @@ class Decoder:
         ws = self.workspace
         if ct.device.type == "cuda":  # rANS slot tables (zstd on the device takes none)
             h = ct.header
-            ws = self._table_workspace(h.n_chunks << h.prob_bits) if ct.codec == "ans" else None
+            words = ans_triton.table_words(h.n_chunks, h.prob_bits)
+            ws = self._table_workspace(words) if ct.codec == "ans" else None
         elif ws is not None:  # the zstd symbol buffer on the host
             ws = ws[: ct.numel] if ct.numel <= ws.numel() else None
         status = decode_into(ct, out.view(-1), pool=self.pool, workspace=ws)
@@ -139,17 +140,17 @@ class Decoder:
                 chunk_size=h.chunk_size,
                 lanes=h.lanes,
                 prob_bits=h.prob_bits,
-                workspace=self._table_workspace(chunks << h.prob_bits),
+                workspace=self._table_workspace(ans_triton.table_words(chunks, h.prob_bits)),
                 damage=self._damage_of(b),
             )
 
-    def _table_workspace(self, entries: int) -> torch.Tensor | None:
-        """``entries`` int32 slot-table entries of the decode workspace, if it is on the device
-        and large enough (else the decoder makes its own)."""
+    def _table_workspace(self, words: int) -> torch.Tensor | None:
+        """``words`` int32 words of the decode workspace (rANS decode tables), if it is on the
+        device and large enough (else the decoder makes its own)."""
         ws = self.workspace
-        if ws is None or ws.device.type != "cuda" or 4 * entries > ws.numel():
+        if ws is None or ws.device.type != "cuda" or 4 * words > ws.numel():
             return None
-        return ws[: 4 * entries].view(torch.int32)
+        return ws[: 4 * words].view(torch.int32)
 
     # -- timings -----------------------------------------------------------------------------
     def timed(self, start: object, end: object) -> float:

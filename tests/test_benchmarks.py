@@ -255,7 +255,7 @@ def test_gpu_check_kernel_checks_pass_under_the_interpreter():
     assert [r[1] for r in report.rows] == ["ok"] * len(report.rows)
     names = [r[0] for r in report.rows]
     assert "lossy split/merge bf16, not normalized" in names
-    assert "rANS LUT + decode kernels, lossy k=3 not normalized" in names
+    assert "rANS decode kernel (tables + decode), lossy k=3 not normalized" in names
     assert "device CRC == zlib.crc32" in names
 
 
@@ -343,6 +343,20 @@ def test_gpu_check_train_section_runs_on_the_cpu_backend(monkeypatch):
     assert rows["1B train step, budget the planner's minimum: speed vs plain fused"][0].endswith(
         "x"
     )
+
+
+def test_gpu_check_layer_rows_run_on_the_cpu_backend(monkeypatch):
+    """_layer_8b at a tiny layer shape on the CPU backend (the one-launch path under Triton's
+    interpreter): both ways of decoding give the layer back bit for bit and report a rate."""
+    _fake_cuda(monkeypatch)
+    monkeypatch.setattr(gpu_check, "LAYER_8B", {"q_proj": (32, 32), "k_proj": (16, 32)})
+    ctx = gpu_check.Context(dev=torch.device("cpu"), report=gpu_check.Report(None, lambda s: None))
+    gpu_check._layer_8b(ctx, pcie=25.0)
+    rows = {what: (value, note) for what, value, note in ctx.report.rows}
+    for label in ("lossless", "lossy k=3"):
+        for how in ("per tensor", "one launch"):
+            value, note = rows[f"8B layer decode {label} ({how}), GB/s of bf16"]
+            assert float(value) >= 0 and float(note.split(" ms")[0]) > 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,10 +119,11 @@ def _lut_tables(prob_bits: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("prob_bits", [8, 10, 12])
-def test_triton_decoder_slot_tables_equal_build_luts(prob_bits):
+def test_triton_decoder_tables_equal_the_reference(prob_bits):
     """The decode kernel's prologue walks the slots in tiles; the tables it leaves in the
-    workspace equal the CPU reference bit for bit. (The chunks have no words: their decode
-    reads none and ends damaged, which the tables do not depend on.)"""
+    workspace equal the CPU reference (ans_triton.decode_tables) bit for bit, and that reference
+    says what ans.build_luts says: each slot's symbol, f and slot - cum. (The chunks have no
+    words: their decode reads none and ends damaged, which the tables do not depend on.)"""
     freq = _lut_tables(prob_bits)
     C, M = freq.shape[0], 1 << prob_bits
     lo, tlen, tfreq = ans.compact_tables(freq, prob_bits)
@@ -137,7 +138,7 @@ def test_triton_decoder_slot_tables_equal_build_luts(prob_bits):
     )
     out = torch.empty(C * 256, dtype=torch.bfloat16, device=dev)  # C chunks of 256
     raw = torch.zeros(C * 256, dtype=torch.uint8, device=dev)
-    lut = torch.full((C * M,), -1, dtype=torch.int32, device=dev)
+    ws = torch.full((ans_triton.table_words(C, prob_bits),), -1, dtype=torch.int32, device=dev)
     ans_triton.decode_triton(
         stream,
         raw,
@@ -147,9 +148,22 @@ def test_triton_decoder_slot_tables_equal_build_luts(prob_bits):
         chunk_size=256,
         lanes=32,
         prob_bits=prob_bits,
-        workspace=lut,
+        workspace=ws,
     )
-    assert torch.equal(lut.cpu(), ans.build_luts(freq, prob_bits)[: C * M])
+    expect = ans_triton.decode_tables(stream, prob_bits)
+    assert torch.equal(ws.cpu().view(torch.uint8), expect)
+    # the reference against build_luts: entry symbol | (f - 1) << 8 | (slot - cum) << 20
+    per = expect.view(C, M + 1024)
+    j = per[:, :M].to(torch.int64)
+    fc = per[:, M:].contiguous().view(torch.int32).to(torch.int64)  # [C, 256]
+    e = fc.gather(1, j)
+    f1, cum = e & 0xFFF, e >> 12
+    sym = lo.to(torch.int64)[:, None] + j
+    slots = torch.arange(M)[None, :]
+    lut = ans.build_luts(freq, prob_bits)[: C * M].view(C, M).to(torch.int64) & 0xFFFFFFFF
+    assert torch.equal(sym, lut & 0xFF)
+    assert torch.equal(f1, (lut >> 8) & 0xFFF)
+    assert torch.equal(slots - cum, lut >> 20)
 
 
 def test_triton_decoder_first_chunk_decodes_only_the_tail():
