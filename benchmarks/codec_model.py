@@ -25,9 +25,11 @@ No GPU is needed. The steps:
    from the loop counter only -> a plane stream (raw bytes, symbols), DRAM (a new sector per
    step). A step then takes max(chain, resident warps x instructions / 4 schedulers) cycles.
 4. Per launch: programs scale with the tensor (per chunk for kernels with a CHUNK constexpr,
-   else per element); waves from occupancy (registers, shared memory, warps and CTAs per SM);
-   time = waves x program cycles / clock, at least the HBM time of the bytes moved, plus a fixed
-   launch gap. A layer or tensor is the sum over its launches (one stream, in series).
+   else per element); resident programs from occupancy (registers, shared memory, warps and
+   CTAs per SM); time = max(1, programs / resident) x program cycles / clock (programs start as
+   others end: no rounding to whole waves), at least the HBM time of the bytes moved, plus a
+   fixed launch gap. The decoder's prologue is counted (see ``KernelModel.other_trips``). A
+   layer or tensor is the sum over its launches (one stream, in series).
 
 Old design beside the new: ``--write-baseline`` stores this run's figures in a JSON (written once
 from the commit before issue 12's redesign: benchmarks/codec_model_baseline.json); later runs
@@ -46,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,9 @@ LATENCY = {
     "local": 35,  # LDL: spills hit L1
     "alu": 5,  # integer / logic / float ALU, IMAD, SEL, PRMT, SETP ...
 }
+# Entries of a chunk's frequency table (the exponents it holds): ~20 on MiniLM, ~30-40 assumed
+# for a trained bf16 LLM (SmolLM2's, dequantized from 4-bit GGUF, hold ~110-125)
+TABLE_ENTRIES = 40
 LAUNCH_GAP_US = 20.0  # per kernel launch: Triton's Python launch path and the device gap
 HOST_SYNC_US = 50.0  # per host round trip the launcher makes (device -> host copy and back)
 
@@ -608,23 +613,39 @@ class KernelModel:
         return self.ctas_per_sm * self.num_warps
 
     def step_trips(self) -> int:
-        """Trips of the step loop: CHUNK / LANES symbols (or the overrides), else as
-        :meth:`other_trips`."""
+        """Trips of the step loop: CHUNK / LANES symbols (or the overrides) per unrolled trip,
+        else 1."""
         if self.symbols_per_program and self.symbols_per_step:
             return -(-self.symbols_per_program // self.symbols_per_step)
-        return self.other_trips()
+        return 1
 
-    def other_trips(self) -> int:
-        """Trips of other top-level loops: a table walk of 2**PROB_BITS slots in TILE tiles,
-        else 1 (stated; nested loops count once per trip of their outer loop)."""
+    def other_trips(self, loop: Loop, mean_index: float) -> float:
+        """Trips of another top-level loop (stated; a nested loop counts once per trip of its
+        outer loop). The decoder's prologue (LUT_TILE, START_TILE constexprs), for a table of
+        TABLE_ENTRIES entries: the loop storing words (the entries) takes TABLE_ENTRIES /
+        LUT_TILE trips; the loop storing bytes (each symbol fills its run of slots, LUT_TILE a
+        store, S stores per unrolled trip) is charged TABLE_ENTRIES + 2**PROB_BITS / (LUT_TILE
+        S) trips of its whole body (outer and inner: an overestimate); the one storing nothing
+        sums the table lengths of the
+        chunks before its own, START_TILE a trip (``mean_index``: the case's mean chunk index in
+        its tensor). A table walk of 2**PROB_BITS slots in TILE tiles elsewhere; else 1."""
         c = self.constexprs
+        if "LUT_TILE" in c:
+            tile = int(c["LUT_TILE"])
+            stores = [i.op for i in loop.body if i.base in ("STG", "ST")]
+            byte_stores = sum(".U8" in op or ".S8" in op for op in stores)
+            if byte_stores:  # the compiler unrolls the run's stores: LUT_TILE slots per store
+                return TABLE_ENTRIES + (1 << int(c["PROB_BITS"])) / (tile * byte_stores)
+            if stores:
+                return -(-TABLE_ENTRIES // tile)
+            return max(1.0, mean_index / int(c.get("START_TILE", tile)))
         if "PROB_BITS" in c and "TILE" in c:
             return max(1, (1 << int(c["PROB_BITS"])) // int(c["TILE"]))
         return 1
 
     def table_bytes(self) -> int:
         """A program's decode tables: 2**PROB_BITS slot bytes and 256 int32 (f, cum) entries
-        (ans_triton.table_words); the encoder's 257 int64 entries are smaller."""
+        (ans.table_words); the encoder's 257 int64 entries are smaller."""
         return (1 << int(self.constexprs.get("PROB_BITS", 12))) + 1024
 
     def level(self, hw: Hardware, warps: float) -> Callable[[str], str]:
@@ -639,18 +660,25 @@ class KernelModel:
 
         return load_level
 
-    def program_cycles(self, hw: Hardware, warps: float) -> tuple[float, Chain | None]:
-        """Cycles of one program with ``warps`` resident warps per SM."""
+    def program_cycles(
+        self, hw: Hardware, warps: float, mean_index: float = 0.0
+    ) -> tuple[float, Chain | None, float]:
+        """(cycles of one program with ``warps`` resident warps per SM, the step loop's chain,
+        the cycles before and around the step loop: the prologue)."""
         level = self.level(hw, warps)
-        total = simulate(self.straight, level, iterations=1).cycles if self.straight else 0.0
+        prologue = simulate(self.straight, level, iterations=1).cycles if self.straight else 0.0
         for loop in self.other_loops:
-            c = simulate(loop.body, level)
-            total += self.other_trips() * max(c.cycles, warps * c.instructions / 4)
-        chain = None
+            own = "LUT_TILE" in self.constexprs and any(
+                ".U8" in i.op for i in loop.body if i.base in ("STG", "ST")
+            )  # the slot fill reads the entries the program just stored: L1
+            c = simulate(loop.body, (lambda role: "L1") if own else level)
+            trips = self.other_trips(loop, mean_index)
+            prologue += trips * max(c.cycles, warps * c.instructions / 4)
+        total, chain = prologue, None
         if self.step is not None:
             chain = simulate(self.step.body, level)
             total += self.step_trips() * max(chain.cycles, warps * chain.instructions / 4)
-        return total, chain
+        return total, chain, prologue
 
 
 def occupancy(hw: Hardware, regs: int, shared: int, warps: int) -> int:
@@ -709,8 +737,9 @@ def tensors_seconds(
     hw: Hardware,
     shapes: tuple[tuple[str, int, int], ...],
     io_bytes: int,
-) -> float:
-    """Seconds to run ``rec``'s launch structure over ``shapes`` (see the module docstring)."""
+) -> tuple[float, float]:
+    """(seconds to run ``rec``'s launch structure over ``shapes``, the share of the kernels'
+    modelled cycles spent in prologues); see the module docstring."""
     counts: dict[str, int] = {}
     for launch in rec.launches:
         counts[launch.kernel] = counts.get(launch.kernel, 0) + 1
@@ -718,7 +747,7 @@ def tensors_seconds(
     seconds = rec.host_syncs / DRIVE_TENSORS * len(shapes) * HOST_SYNC_US * 1e-6
     weights = sum(sizes)
     bytes_moved = weights * (rec.bytes_per_weight + io_bytes)
-    device = 0.0
+    device = prologues = 0.0
     for kernel, count in counts.items():
         m = models[kernel]
         drive_grid = sum(lch.grid for lch in rec.launches if lch.kernel == kernel)
@@ -731,11 +760,17 @@ def tensors_seconds(
             units = sum(_chunks(n, chunk) for n in group) if chunk else sum(group)
             programs = max(1, round(drive_grid / drive_units * units))
             concurrent = hw.sms * max(m.ctas_per_sm, 1)
-            waves = -(-programs // concurrent)
+            # programs start as others end: a launch of more programs than fit at once takes
+            # programs / resident ones program times (no whole-wave rounding: a wave's tail
+            # overlaps the next programs)
+            waves = max(1.0, programs / concurrent)
             warps = min(m.ctas_per_sm, programs / hw.sms) * m.num_warps
-            cycles, _ = m.program_cycles(hw, warps)
+            counts_ = [_chunks(n, chunk) if chunk else 1 for n in group]
+            mean_index = sum(k * (k - 1) / 2 for k in counts_) / max(1, sum(counts_))
+            cycles, _, prologue = m.program_cycles(hw, warps, mean_index)
             device += repeats * (waves * cycles / (hw.ghz * 1e9) + LAUNCH_GAP_US * 1e-6)
-    return seconds + max(device, bytes_moved / (hw.hbm_gbps * 1e9))
+            prologues += repeats * waves * prologue / (hw.ghz * 1e9)
+    return seconds + max(device, bytes_moved / (hw.hbm_gbps * 1e9)), prologues / max(device, 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -778,7 +813,7 @@ def model_recording(
         models = {s.name: kernel_model(compiled[s.name], s, hw, args) for s in specs}
         for m in models.values():
             warps_full = m.warps_per_sm
-            _, chain = m.program_cycles(hw, warps_full)
+            _, chain, _ = m.program_cycles(hw, warps_full)
             key = f"{rec.what}|sm_{arch}|{m.kernel}"
             step = m.step
             ins = round(len(step.body) / m.unroll) if step else 0
@@ -811,7 +846,7 @@ def model_recording(
             )
         for label, shapes in (("Llama-3-8B layer", LLAMA3_8B_LAYER), ("lone k_proj", K_PROJ)):
             weights = sum(r * c for _, r, c in shapes)
-            seconds = tensors_seconds(rec, models, hw, shapes, io_bytes)
+            seconds, prologue = tensors_seconds(rec, models, hw, shapes, io_bytes)
             gbps = weights * 2 / seconds / 1e9
             key = f"{rec.what}|sm_{arch}|{label}|gbps"
             figures[key] = gbps
@@ -823,19 +858,69 @@ def model_recording(
                 else c
                 for c in counts
             )
-            chunks = sum(_chunks(r * c, 65536) for _, r, c in shapes)
+            chunk = next(
+                (m.symbols_per_program for m in models.values() if m.symbols_per_program), 0
+            )
+            chunks = sum(_chunks(r * c, chunk) for _, r, c in shapes) if chunk else "-"
             rate_rows.append(
                 {
                     "arch": f"sm_{arch} ({hw.name})",
                     "case": label,
-                    "64K chunks": chunks,
+                    "chunks": f"{chunks} of {chunk // 1024}K" if chunk else "-",
                     "launches": launches,
                     "time ms": f"{seconds * 1e3:.2f}",
+                    "prologue share": f"{prologue:.0%}",
                     "GB/s bf16 (model)": _with_old(gbps, key, old),
                 }
             )
     lines += ["", *_table(kernel_rows), "", *_table(rate_rows), ""]
     return lines, figures
+
+
+CHUNK_SIZES = (65536, 32768, 16384, 8192)
+
+
+def minilm_bits(chunk: int) -> float | None:
+    """Lossless rANS bits per weight of MiniLM's matrices (bf16) at ``chunk`` symbols per chunk,
+    measured by compressing them on the host (None when the model package is missing)."""
+    import torch
+
+    from neuzip_offload import bundled, codec
+    from neuzip_offload.config import CodecConfig
+
+    try:
+        mats = bundled.matrices(bundled.minilm_state_dict())
+    except (ImportError, FileNotFoundError):
+        return None
+    tensors = [m.to(torch.bfloat16) for m in mats.values()]
+    cts = codec.compress_many(tensors, CodecConfig(codec="ans", chunk_size=chunk))
+    return sum(ct.nbytes for ct in cts) * 8 / sum(t.numel() for t in tensors)
+
+
+def chunk_tradeoff(rec: Recording, args: argparse.Namespace) -> list[str]:
+    """The decode kernel as compiled, at other chunk sizes (sub-streams): the modelled rates,
+    the decode workspace of an 8B layer, and MiniLM's measured bits per weight."""
+    from neuzip_offload.kernels import ans
+
+    lines = ["### chunk size: sub-streams (MODEL, sm_90; bits per weight MEASURED)", ""]
+    hw = HARDWARE[90]
+    specs = list({ln.kernel: ln.spec for ln in rec.launches}.values())
+    compiled = compile_kernels(specs, 90)
+    base = {s.name: kernel_model(compiled[s.name], s, hw, args) for s in specs}
+    rows = []
+    for chunk in CHUNK_SIZES:
+        models = {k: replace(m, symbols_per_program=chunk) for k, m in base.items()}
+        row: dict[str, Any] = {"chunk": f"{chunk // 1024}K"}
+        for label, shapes in (("Llama-3-8B layer", LLAMA3_8B_LAYER), ("lone k_proj", K_PROJ)):
+            seconds, prologue = tensors_seconds(rec, models, hw, shapes, 2)
+            gbps = sum(r * c for _, r, c in shapes) * 2 / seconds / 1e9
+            row[f"{label} GB/s (prologue share)"] = f"{gbps:,.0f} ({prologue:.0%})"
+        chunks = sum(_chunks(r * c, chunk) for _, r, c in LLAMA3_8B_LAYER)
+        row["8B layer workspace MB"] = f"{4 * ans.table_words(chunks) / 1e6:.1f}"
+        bits = minilm_bits(chunk)
+        row["MiniLM bits/weight"] = "-" if bits is None else f"{bits:.4f}"
+        rows.append(row)
+    return [*lines, *_table(rows), ""]
 
 
 def assumptions() -> list[str]:
@@ -855,8 +940,12 @@ def assumptions() -> list[str]:
         "(L1 while the resident warps' tables fit, else L2), from the loop counter = plane "
         "stream (DRAM)",
         "- kernel rows: at full occupancy; tables 2**PROB_BITS + 1024 bytes per program",
-        "- step = max(chain, resident warps x instructions / 4); kernel = waves x program; "
-        "at least bytes moved / HBM bandwidth; torch ops between launches not modelled",
+        "- the decoder's prologue (straight code, table-start walk, entries, slot fill) is "
+        f"counted: {TABLE_ENTRIES} table entries per chunk, the slot fill charged its whole body "
+        "per entry and per unrolled trip of run stores (an overestimate), its loads from L1",
+        "- step = max(chain, resident warps x instructions / 4); kernel = max(1, programs / "
+        "resident programs) x program; at least bytes moved / HBM bandwidth; torch ops between "
+        "launches not modelled",
     ]
 
 
@@ -875,6 +964,8 @@ def run(args: argparse.Namespace) -> list[str]:
         more, figs = model_recording(rec, args.archs, args, old)
         lines += more
         figures.update(figs)
+    if not args.quick and 90 in args.archs:
+        lines += chunk_tradeoff(recordings[0], args)
     if args.write_baseline:
         rev = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],

@@ -28,9 +28,9 @@ from .ans import (
     AnsStream,
     compact_tables,
     encoder_tables,
-    expand_tables,
     n_chunks,
     normalize_counts,
+    table_words,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -118,50 +118,45 @@ if HAS_TRITON:
         sym_fc,
         PROB_BITS: tl.constexpr,
         TILE: tl.constexpr,
+        START_TILE: tl.constexpr,
     ):
         """Store chunk c's decode tables, from the compact table the format stores: at slot_sym
         (M uint8) the table index j of the symbol owning each slot (the symbol is lo + j), at
-        sym_fc (256 int32) per index j: (f - 1) | cum << 12 (0 for an absent symbol or past the
-        table's end). Returns lo.
+        sym_fc (int32, one per entry of the table: j < len + 1) f | cum << 13 (0 for an absent
+        symbol). Returns lo.
 
         Split so that a program's tables take M + 1 KB (5 KB at 12 bits, not 16 KB of one int32
-        entry per slot): a full SM's resident programs keep theirs in L1. The M slots are walked
-        in tiles of TILE: symbols are visited once in all, a tile passes the symbols that end
-        inside it and hands the one that crosses its end (j, starting at slot run) to the next
-        tile; table entries that are 0 pass without taking a slot.
+        entry per slot): a full SM's resident programs keep theirs in L1. Built in two passes,
+        neither waiting on a load per slot: the entries, TILE at a time (f, and cum by a prefix
+        sum carried across tiles); then, after a barrier, each symbol fills its run of slots
+        [cum, cum + f) TILE slots a store. Stores stay inside the M slots whatever the table
+        holds (a damaged one leaves slots stale: the chunk then fails its final-state check).
         """
         M: tl.constexpr = 1 << PROB_BITS
         tlen = tlen_ptr + tl.load(row + _R_TLEN)
         freq_ptr = tfreq_ptr + tl.load(row + _R_TFREQ)
         nbytes = tl.load(row + _R_TBYTES)
-        t0 = _table_start(tlen, c, TILE)
+        t0 = _table_start(tlen, c, START_TILE)
         nsym = tl.load(tlen + c).to(tl.int32) + 1
         lo = tl.load(tlo_ptr + tl.load(row + _R_TLO) + c).to(tl.int32)
-        # per symbol: f and cum (a running sum carried across tiles of TILE symbols)
         carry = tl.zeros((), dtype=tl.int32)
-        for t in range(0, 256 // TILE):
+        for t in range(0, (nsym + TILE - 1) // TILE):
             j = t * TILE + tl.arange(0, TILE)
             f = _table_entry(freq_ptr, t0 + j, nbytes, PROB_BITS)
             f = tl.where(j < nsym, tl.where(nsym == 1, M, f), 0)
             cum = carry + tl.cumsum(f, 0) - f
             carry += tl.sum(f, 0)
-            tl.store(sym_fc + j, tl.where(f > 0, (f - 1) | (cum << 12), 0))
-        # per slot: the index of its symbol
-        j = tl.zeros((), dtype=tl.int32)  # the first symbol not yet passed
-        run = tl.zeros((), dtype=tl.int32)  # where symbol j starts: the sum of f before it
-        for t in range(0, M // TILE):
-            slots = t * TILE + tl.arange(0, TILE)
-            last = t * TILE + TILE - 1
-            idx = tl.zeros((TILE,), dtype=tl.int32) + j
-            fj = tl.where(nsym == 1, M, _table_entry(freq_ptr, t0 + j, nbytes, PROB_BITS))
-            # frequencies sum to M (validated), so some symbol ends past every tile; j < nsym
-            # only bounds the walk for a damaged table
-            while (run + fj <= last) & (j < nsym):
-                run += fj
-                idx += (slots >= run).to(tl.int32)  # slots from here on: a later symbol
-                j += 1
-                fj = _table_entry(freq_ptr, t0 + j, nbytes, PROB_BITS)
-            tl.store(slot_sym + slots, idx.to(tl.uint8))
+            tl.store(sym_fc + j, tl.where(f > 0, f | (cum << 13), 0), mask=j < nsym)
+        tl.debug_barrier()  # the entries, stored by all lanes, are read by all lanes below
+        ar = tl.arange(0, TILE)
+        for j in range(0, nsym):
+            fc = tl.load(sym_fc + j)
+            f = fc & 0x1FFF
+            cum = fc >> 13
+            byte = (ar * 0 + j).to(tl.uint8)
+            for r in range(0, f, TILE):
+                slots = cum + r + ar
+                tl.store(slot_sym + slots, byte, mask=(r + ar < f) & (slots < M))
         return lo
 
     @triton.jit
@@ -193,22 +188,24 @@ if HAS_TRITON:
         """One step of a chunk's lanes: decode a symbol per valid lane through the slot table,
         renormalize (the lanes that need a word take the next ones in lane order), merge the
         symbols with their raw bits (r0..r3, loaded earlier) and store the floats. Invalid lanes
-        keep their state and read nothing. Returns (states, word pointer)."""
+        keep their state and read nothing. ``words`` points at the chunk's first word, ``ptr``
+        and ``end`` count words from there (int32: a chunk has < 2**31 words); ``offs`` are the
+        lanes' element indices in the tensor (int64). Returns (states, word pointer)."""
         M: tl.constexpr = 1 << PROB_BITS
         slot = x & (M - 1)
         j = tl.load(slot_sym + slot).to(tl.uint32)
         fc = tl.load(sym_fc + j).to(tl.uint32, bitcast=True)
-        x_new = ((fc & 0xFFF) + 1) * (x >> PROB_BITS) + slot - (fc >> 12)
+        x_new = (fc & 0x1FFF) * (x >> PROB_BITS) + slot - (fc >> 13)
         x = tl.where(valid, x_new, x)
         need = valid & (x < 65536)
         if LANES <= 32:  # a ballot (OR-reduce: redux.sync) and population counts
             ballot = tl.reduce(need.to(tl.uint32) << lanes.to(tl.uint32), 0, _bit_or)
-            pos = ptr + _popcount(ballot & below).to(tl.int64)
-            taken = _popcount(ballot).to(tl.int64)
+            pos = ptr + _popcount(ballot & below).to(tl.int32)
+            taken = _popcount(ballot).to(tl.int32)
         else:  # more lanes than a 32-bit ballot holds: an exclusive prefix sum
             inc = tl.cumsum(need.to(tl.int32), 0)
-            pos = ptr + (inc - need.to(tl.int32)).to(tl.int64)
-            taken = tl.sum(need.to(tl.int64), 0)
+            pos = ptr + (inc - need.to(tl.int32))
+            taken = tl.sum(need.to(tl.int32), 0)
         w = tl.load(words + pos, mask=need & (pos < end), other=0)
         w = w.to(tl.uint16, bitcast=True).to(tl.uint32)
         x = tl.where(need, (x << 16) | w, x)
@@ -245,6 +242,7 @@ if HAS_TRITON:
         MAX_TENSORS: tl.constexpr,
         COUNT_DAMAGE: tl.constexpr,
         LUT_TILE: tl.constexpr,
+        START_TILE: tl.constexpr,
     ):
         """Program p decodes one chunk of its tensor (1 warp, its LANES lanes as one vector)
         straight into the tensor's output, through the decode tables it first builds in its
@@ -262,13 +260,14 @@ if HAS_TRITON:
         lanes = tl.arange(0, LANES)
         x = tl.load(states_ptr + tl.load(row + _R_STATES) + c * LANES + lanes)
         x = x.to(tl.uint32, bitcast=True)
-        ptr = tl.load(woff + c).to(tl.uint32, bitcast=True).to(tl.int64)
-        end = tl.load(woff + c + 1).to(tl.uint32, bitcast=True).to(tl.int64)
+        first = tl.load(woff + c).to(tl.uint32, bitcast=True).to(tl.int64)
+        end = (tl.load(woff + c + 1).to(tl.uint32, bitcast=True).to(tl.int64) - first).to(tl.int32)
+        words += first  # the chunk's words; ptr counts from here
+        ptr = tl.zeros((), dtype=tl.int32)
         raw = raw_ptr + tl.load(row + _R_RAW)
         scales = scale_ptr + tl.load(row + _R_SCALES)
         out = out_ptr + tl.load(row + _R_OUT)
         base = c * CHUNK
-        steps = (tl.minimum(n - base, CHUNK) + LANES - 1) // LANES
         # the prologue: this program's decode tables, in its own region of the workspace.
         # Triton allocates no shared memory on request, so the tables go through global memory
         # (L1-resident: M + 1024 bytes); the barrier (bar.sync: a CTA's global stores before it
@@ -278,7 +277,7 @@ if HAS_TRITON:
         slot_sym = ws8_ptr + region
         sym_fc = ws32_ptr + (region + M) // 4
         lo = _build_tables(
-            row, c, tlo_ptr, tlen_ptr, tfreq_ptr, slot_sym, sym_fc, PROB_BITS, LUT_TILE
+            row, c, tlo_ptr, tlen_ptr, tfreq_ptr, slot_sym, sym_fc, PROB_BITS, LUT_TILE, START_TILE
         ).to(tl.uint32)
         tl.debug_barrier()
         # a lane's word is the chunk's next word plus the lanes below it that read one
@@ -289,56 +288,59 @@ if HAS_TRITON:
         # load) so overlaps ~4 dependent chains of ~190 cycles instead of stalling the next one.
         # The sets are separate registers, never moved (a move would wait for the load).
         # Steps past the chunk's end (the last trip's) are masked: they change no state.
-        end_offs = tl.minimum(n, base + CHUNK)
-        o = base + lanes
+        # i: the lanes' indices in the chunk (int32, compared with its size cnt); o = base + i
+        # their element indices in the tensor (int64: past 2**31), for addresses only
+        cnt = tl.minimum(n - base, CHUNK).to(tl.int32)
+        steps = (cnt + LANES - 1) // LANES
+        i = lanes
         a0, a1, a2, a3 = planes_triton.load_raw(
-            o, o < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+            base + i, i < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
         )
-        o += LANES
+        i += LANES
         b0, b1, b2, b3 = planes_triton.load_raw(
-            o, o < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+            base + i, i < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
         )
-        o += LANES
+        i += LANES
         c0, c1, c2, c3 = planes_triton.load_raw(
-            o, o < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+            base + i, i < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
         )
-        o += LANES
+        i += LANES
         d0, d1, d2, d3 = planes_triton.load_raw(
-            o, o < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+            base + i, i < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
         )
         AHEAD: tl.constexpr = 4 * LANES
         for s in range(0, steps, 4):
-            o = base + s * LANES + lanes
+            i = s * LANES + lanes
             x, ptr = _decode_step(
-                x, ptr, end, o, o < end_offs, lanes, below, lo, slot_sym, sym_fc, words, out,
+                x, ptr, end, base + i, i < cnt, lanes, below, lo, slot_sym, sym_fc, words, out,
                 a0, a1, a2, a3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
             )  # fmt: skip
             a0, a1, a2, a3 = planes_triton.load_raw(
-                o + AHEAD, o + AHEAD < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+                base + i + AHEAD, i + AHEAD < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
             )
-            o += LANES
+            i += LANES
             x, ptr = _decode_step(
-                x, ptr, end, o, o < end_offs, lanes, below, lo, slot_sym, sym_fc, words, out,
+                x, ptr, end, base + i, i < cnt, lanes, below, lo, slot_sym, sym_fc, words, out,
                 b0, b1, b2, b3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
             )  # fmt: skip
             b0, b1, b2, b3 = planes_triton.load_raw(
-                o + AHEAD, o + AHEAD < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+                base + i + AHEAD, i + AHEAD < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
             )
-            o += LANES
+            i += LANES
             x, ptr = _decode_step(
-                x, ptr, end, o, o < end_offs, lanes, below, lo, slot_sym, sym_fc, words, out,
+                x, ptr, end, base + i, i < cnt, lanes, below, lo, slot_sym, sym_fc, words, out,
                 c0, c1, c2, c3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
             )  # fmt: skip
             c0, c1, c2, c3 = planes_triton.load_raw(
-                o + AHEAD, o + AHEAD < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+                base + i + AHEAD, i + AHEAD < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
             )
-            o += LANES
+            i += LANES
             x, ptr = _decode_step(
-                x, ptr, end, o, o < end_offs, lanes, below, lo, slot_sym, sym_fc, words, out,
+                x, ptr, end, base + i, i < cnt, lanes, below, lo, slot_sym, sym_fc, words, out,
                 d0, d1, d2, d3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
             )  # fmt: skip
             d0, d1, d2, d3 = planes_triton.load_raw(
-                o + AHEAD, o + AHEAD < end_offs, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+                base + i + AHEAD, i + AHEAD < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
             )
         ok = (tl.sum((x != 65536).to(tl.int32), 0) == 0) & (ptr == end)
         tl.store(status_ptr + p, ok.to(tl.int8))
@@ -388,30 +390,10 @@ if HAS_TRITON:
 # then needs <= 58 registers (sm_80-90), under the 64 that keep 32 one-warp CTAs per SM; 128-slot
 # tiles took 72-128 and cost occupancy (one vector of all 4096 slots used ~255 and spilled)
 _LUT_TILE = 32
+# Table lengths summed per trip when a program finds where its chunk's table starts (the sum of
+# the lengths before it: c / START_TILE dependent trips, 8 bytes per thread each)
+_START_TILE = 256
 _COUNT_ROWS = 64  # chunks per histogram launch of the device encoder (bounds its index buffer)
-
-
-def table_words(chunks: int, prob_bits: int = DEFAULT_PROB_BITS) -> int:
-    """int32 words of decode workspace a launch over ``chunks`` chunks needs: per program,
-    2**prob_bits slot indices (bytes) and 256 int32 (f, cum) entries."""
-    return chunks * (((1 << prob_bits) + 1024) // 4)
-
-
-def decode_tables(stream: AnsStream, prob_bits: int) -> torch.Tensor:
-    """The decode kernel's tables of every chunk of ``stream``, as it leaves them in the workspace
-    (uint8 [chunks * (2**prob_bits + 1024)], on the CPU): the CPU reference for tests and
-    gpu_check. Per chunk: the index (symbol - lo) of each slot's symbol, then per index j
-    (f - 1) | cum << 12 as int32, 0 for an absent symbol or past the table."""
-    freq = expand_tables(stream, prob_bits).to(torch.int64)  # [C, 256] by symbol
-    C, M = freq.shape[0], 1 << prob_bits
-    lo = stream.table_lo.cpu().to(torch.int64)
-    j = torch.arange(256)
-    sym = (lo[:, None] + j[None, :]).clamp(max=255)
-    f = torch.where(lo[:, None] + j[None, :] <= 255, freq.gather(1, sym), 0)
-    cum = f.cumsum(dim=1) - f
-    fc = torch.where(f > 0, (f - 1) | (cum << 12), 0).to(torch.int32)
-    slot_sym = torch.repeat_interleave(j.repeat(C), f.reshape(-1)).view(C, M).to(torch.uint8)
-    return torch.cat([slot_sym, fc.view(torch.uint8)], dim=1).reshape(-1)
 
 
 def _chunk_counts_device(sym: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -621,6 +603,7 @@ def _launch(
         MAX_TENSORS=_MAX_TENSORS,
         COUNT_DAMAGE=damage is not None,
         LUT_TILE=_LUT_TILE,  # <= 256 <= M: prob_bits >= 8
+        START_TILE=_START_TILE,
         num_warps=1,
     )
     return status

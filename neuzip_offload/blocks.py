@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .compressed import CompressedTensor
-from .kernels import ans_triton
+from .kernels import ans
 from .model_analysis import Weight
 from .scheduler.layout import SLOT_ALIGN, PackedLayout, slot_layout
 from .scheduler.plan import BlockSpec
@@ -172,7 +172,7 @@ def _measured(
     _, slot_bytes = slot_layout(cts, [m.key for m in g.members])
     if device.type == "cuda":  # rANS decode tables: the block's tensors in one launch
         ans_cts = [ct.header for ct in cts if ct.codec == "ans"]
-        ws = sum(4 * ans_triton.table_words(h.n_chunks, h.prob_bits) for h in ans_cts)
+        ws = sum(4 * ans.table_words(h.n_chunks, h.prob_bits) for h in ans_cts)
     else:  # the zstd symbol buffer
         ws = max((ct.numel for ct in cts if ct.codec == "zstd"), default=0)
     return BlockSpec(

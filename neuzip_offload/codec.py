@@ -264,7 +264,7 @@ def decode_into(
     On CUDA this only enqueues kernels and returns the per-chunk status (int8, 1 = ok) for the
     caller to check when it likes; on the CPU it checks at once and returns None.
     ``workspace``: scratch to reuse — int32 rANS decode tables on CUDA
-    (``ans_triton.table_words(n_chunks, prob_bits)`` words), the uint8 symbol buffer (numel
+    (``ans.table_words(n_chunks, prob_bits)`` words), the uint8 symbol buffer (numel
     bytes) for zstd on the CPU.
     ``use_triton`` forces the Triton path (tests run it on CPU tensors under TRITON_INTERPRET=1).
     """

@@ -31,7 +31,7 @@ import torch
 from neuzip_offload import backend
 from neuzip_offload.codec import decode_into, decompress_many
 from neuzip_offload.compressed import CompressedTensor, DamagedDataError
-from neuzip_offload.kernels import HAS_TRITON, ans_triton, planes
+from neuzip_offload.kernels import HAS_TRITON, ans, ans_triton, planes
 
 from .accounting import Accountant
 from .layout import SlotEntry
@@ -100,7 +100,7 @@ class Decoder:
         ws = self.workspace
         if ct.device.type == "cuda":  # rANS slot tables (zstd on the device takes none)
             h = ct.header
-            words = ans_triton.table_words(h.n_chunks, h.prob_bits)
+            words = ans.table_words(h.n_chunks, h.prob_bits)
             ws = self._table_workspace(words) if ct.codec == "ans" else None
         elif ws is not None:  # the zstd symbol buffer on the host
             ws = ws[: ct.numel] if ct.numel <= ws.numel() else None
@@ -140,7 +140,7 @@ class Decoder:
                 chunk_size=h.chunk_size,
                 lanes=h.lanes,
                 prob_bits=h.prob_bits,
-                workspace=self._table_workspace(ans_triton.table_words(chunks, h.prob_bits)),
+                workspace=self._table_workspace(ans.table_words(chunks, h.prob_bits)),
                 damage=self._damage_of(b),
             )
 
