@@ -705,8 +705,8 @@ def kernel_model(
     covered = {i.addr for lp in tops for i in lp.body}
     c = dict(spec.constexprs)
     lanes = args.symbols_per_step or (int(c["LANES"]) if "LANES" in c else None)
-    # an unrolled step loop (the decoder's: 4 steps per trip) does one ballot per step
-    unroll = max(1, sum(i.base in _WARP for i in step.body)) if step is not None else 1
+    # steps per trip of an unrolled step loop: the kernel's UNROLL constexpr (the decoder's 4)
+    unroll = int(c.get("UNROLL", 1))
     if lanes and not args.symbols_per_step:
         lanes *= unroll
     chunk = args.symbols_per_program or (int(c["CHUNK"]) if "CHUNK" in c else None)

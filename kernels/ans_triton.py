@@ -243,6 +243,7 @@ if HAS_TRITON:
         COUNT_DAMAGE: tl.constexpr,
         LUT_TILE: tl.constexpr,
         START_TILE: tl.constexpr,
+        UNROLL: tl.constexpr,
     ):
         """Program p decodes one chunk of its tensor (1 warp, its LANES lanes as one vector)
         straight into the tensor's output, through the decode tables it first builds in its
@@ -308,8 +309,9 @@ if HAS_TRITON:
         d0, d1, d2, d3 = planes_triton.load_raw(
             base + i, i < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
         )
-        AHEAD: tl.constexpr = 4 * LANES
-        for s in range(0, steps, 4):
+        tl.static_assert(UNROLL == 4, "the step loop below is written out for 4 steps a trip")
+        AHEAD: tl.constexpr = UNROLL * LANES
+        for s in range(0, steps, UNROLL):
             i = s * LANES + lanes
             x, ptr = _decode_step(
                 x, ptr, end, base + i, i < cnt, lanes, below, lo, slot_sym, sym_fc, words, out,
@@ -604,6 +606,7 @@ def _launch(
         COUNT_DAMAGE=damage is not None,
         LUT_TILE=_LUT_TILE,  # <= 256 <= M: prob_bits >= 8
         START_TILE=_START_TILE,
+        UNROLL=4,  # steps per trip of the step loop (the performance model reads it)
         num_warps=1,
     )
     return status
