@@ -31,8 +31,9 @@ from .scheduler.store import BlockData
 from .storage import PlaneLocation
 
 HEADER_BYTES_ESTIMATE = 1024  # a piece's header and index, before it exists
-ESTIMATE_CHUNK = 1 << 16  # rANS symbols per chunk, and its probability bits, for estimates
-ESTIMATE_PROB_BITS = 12
+# rANS symbols per chunk, and its probability bits, for estimates
+ESTIMATE_CHUNK = ans.DEFAULT_CHUNK
+ESTIMATE_PROB_BITS = ans.DEFAULT_PROB_BITS
 
 
 @dataclass(frozen=True)
@@ -150,9 +151,9 @@ def _decoded_bytes(members: tuple[Member, ...]) -> int:
 def _estimated(g: Group, device: torch.device, bits: float, on_disk: bool) -> BlockSpec:
     largest = max(m.numel for m in g.members)
     chunks = sum((m.numel + ESTIMATE_CHUNK - 1) // ESTIMATE_CHUNK for m in g.members)
-    # the decoder's scratch: rANS slot tables (int32 per chunk of the block: its tensors decode
-    # in one launch) on CUDA, zstd symbols on the host
-    ws = 4 * (chunks << ESTIMATE_PROB_BITS) if device.type == "cuda" else largest
+    # the decoder's scratch: rANS decode tables (per chunk of the block: its tensors decode in
+    # one launch) on CUDA, zstd symbols on the host
+    ws = 4 * ans.table_words(chunks, ESTIMATE_PROB_BITS) if device.type == "cuda" else largest
     return BlockSpec(
         g.name,
         sum(m.numel for m in g.members),
