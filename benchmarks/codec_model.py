@@ -532,6 +532,13 @@ def _latency(ins: Instr, load_level: Callable[[str], str], role: str) -> tuple[i
     return LATENCY["alu"], "ALU"
 
 
+def word_loads(loop: Loop) -> int:
+    """Loads in ``loop`` whose address comes from a warp operation: one word stream load per
+    decode step."""
+    roles = load_roles(loop.body)
+    return sum(1 for i in loop.body if i.base in ("LDG", "LD") and roles.get(i.addr) == "word")
+
+
 def load_roles(body: list[Instr]) -> dict[int, str]:
     """Per global load (by address): "word" when its address comes from a warp operation,
     "table" when it comes from another loaded value, "plane" when from the loop counter only.
@@ -630,6 +637,8 @@ class KernelModel:
         chunks before its own, START_TILE a trip (``mean_index``: the case's mean chunk index in
         its tensor). A table walk of 2**PROB_BITS slots in TILE tiles elsewhere; else 1."""
         c = self.constexprs
+        if word_loads(loop):  # a step loop's masked tail: at most one trip
+            return 1
         if "LUT_TILE" in c:
             tile = int(c["LUT_TILE"])
             stores = [i.op for i in loop.body if i.base in ("STG", "ST")]
@@ -701,12 +710,20 @@ def kernel_model(
     # the step loop renormalizes with a warp operation (the ballot); a table built in the
     # prologue is a storing loop too, without one
     warped = [lp for lp in storing if any(i.base in _WARP for i in lp.body)]
-    step = max(warped or storing or tops, key=lambda lp: len(lp.body), default=None)
+    # a decode step reads one renormalization word (a load addressed from the ballot): the
+    # loop with the most steps, the first of equals (the decoder's unmasked main loop comes
+    # before its masked tail)
+    step = max(
+        warped or storing or tops,
+        key=lambda lp: (word_loads(lp), len(lp.body) if not word_loads(lp) else -lp.start),
+        default=None,
+    )
     covered = {i.addr for lp in tops for i in lp.body}
     c = dict(spec.constexprs)
     lanes = args.symbols_per_step or (int(c["LANES"]) if "LANES" in c else None)
-    # steps per trip of an unrolled step loop: the kernel's UNROLL constexpr (the decoder's 4)
-    unroll = int(c.get("UNROLL", 1))
+    # steps per trip of an unrolled step loop: its word loads (the decoder writes 4 steps a
+    # trip, the compiler may unroll further), else 1
+    unroll = max(1, word_loads(step)) if step is not None else 1
     if lanes and not args.symbols_per_step:
         lanes *= unroll
     chunk = args.symbols_per_program or (int(c["CHUNK"]) if "CHUNK" in c else None)
