@@ -376,7 +376,27 @@ def test_codec_model_quick_reads_the_decoder_sass(capsys):
     assert 20 <= instructions <= 400  # the step loop was found
     rates = [ln for ln in out.splitlines() if ln.startswith("| sm_90 (H100")]
     assert [r.split("|")[2].strip() for r in rates] == ["Llama-3-8B layer", "lone k_proj"]
-    assert all(float(r.split("|")[6].split()[0].replace(",", "")) > 0 for r in rates)
+    gbps = [float(r.split("|")[-2].split()[0].replace(",", "")) for r in rates]
+    assert gbps[0] > gbps[1] > 0  # a layer fills the GPU, a lone k_proj's 64 chunks do not
+    share = [float(r.split("|")[-3].strip().rstrip("%")) for r in rates]
+    assert all(0 < v < 50 for v in share)  # the prologue is counted, and is not the kernel
+
+
+def test_codec_model_chunk_tradeoff_rows(monkeypatch):
+    """The sub-stream table: one row per chunk size, smaller chunks give a lone tensor more
+    programs (faster) and cost bits (stubbed here: the real run compresses MiniLM)."""
+    codec_model = _script("codec_model")
+    if codec_model.cuobjdump() is None:
+        pytest.skip("cuobjdump is not shipped with this triton")
+    monkeypatch.setattr(codec_model, "CHUNK_SIZES", (65536, 16384))
+    monkeypatch.setattr(codec_model, "minilm_bits", lambda chunk: 10 + 1024 / chunk)
+    rec = codec_model.record_decode(codec_model.DECODE_CASES[0])
+    lines = codec_model.chunk_tradeoff(rec, codec_model.parse_args(["--quick"]))
+    rows = [ln.split("|") for ln in lines if ln.startswith("| 64K") or ln.startswith("| 16K")]
+    assert [r[1].strip() for r in rows] == ["64K", "16K"]
+    lone = [float(r[3].split()[0].replace(",", "")) for r in rows]
+    assert lone[1] > lone[0] > 0
+    assert [r[5].strip() for r in rows] == ["10.0156", "10.0625"]
 
 
 # benchmarks/moe.py: the issue-11 table at tiny sizes (--quick), the Mixtral-8x7B plans included
