@@ -671,6 +671,30 @@ def _layer_8b(ctx: Context, pcie: float) -> None:
                 f"(decode / PCIe = {t / t_pcie:.2f})",
             )
         del cts, packed, buf, jobs, slot, views, ws
+    # a lone k_proj: its chunks alone fill little of the GPU; smaller chunks (sub-streams) give
+    # it more programs for a few hundredths of a bit per weight (BENCHMARKS: the model's table)
+    w = mats.get("k_proj", next(iter(mats.values())))
+    out = torch.empty(w.numel(), dtype=w.dtype, device=dev)
+    for chunk in (ans.DEFAULT_CHUNK, 16384):
+        ct = nzo.compress(w, config=CodecConfig(codec="ans", chunk_size=chunk))
+        ws = torch.empty(ans.table_words(ct.header.n_chunks), dtype=torch.int32, device=dev)
+        t = cuda_time(lambda ct=ct, ws=ws: decode_into(ct, out, workspace=ws), repeat=10)
+        expect_same(f"lone k_proj decode, chunk {chunk}", out, w.reshape(-1))
+        report.row(
+            f"lone k_proj decode, chunk {chunk // 1024}K, GB/s of bf16",
+            f"{w.numel() * 2 / 1e9 / t:.0f}",
+            f"{t * 1e6:.0f} us for {tuple(w.shape)}; {ct.header.n_chunks} chunks; "
+            f"{ct.bits_per_weight:.3f} bits/weight",
+        )
+    # the device encoder on the layer, as compress_many runs it (every tensor, one call)
+    cfg = CodecConfig(codec="ans")
+    tensors, names = list(mats.values()), list(mats)
+    t = wall_time(lambda: nzo.compress_many(tensors, cfg, names=names))
+    report.row(
+        "8B layer encode lossless (compress_many, wall), GB/s of bf16",
+        f"{2 * n / 1e9 / t:.0f}",
+        f"{t * 1e3:.2f} ms for {n / 1e6:.0f}M weights, with the encoder's host syncs",
+    )
 
 
 def section_timings(ctx: Context) -> None:

@@ -357,6 +357,9 @@ def test_gpu_check_layer_rows_run_on_the_cpu_backend(monkeypatch):
         for how in ("per tensor", "one launch"):
             value, note = rows[f"8B layer decode {label} ({how}), GB/s of bf16"]
             assert float(value) >= 0 and float(note.split(" ms")[0]) > 0
+    for chunk in ("64K", "16K"):
+        assert f"lone k_proj decode, chunk {chunk}, GB/s of bf16" in rows
+    assert "8B layer encode lossless (compress_many, wall), GB/s of bf16" in rows
 
 
 # ---------------------------------------------------------------------------------------------
