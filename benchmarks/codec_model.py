@@ -183,14 +183,15 @@ def drive_decode(cts: list[Any], outs: list[Any]) -> None:
 
 
 def drive_encode(tensors: list[Any], config: Any) -> list[Any]:
-    """Compress one block's tensors with the device encoder (the seam): the path compress()
-    takes for CUDA tensors, forced onto the CPU under the interpreter."""
+    """Compress one block's tensors with the device encoder (the seam): the path compress_many()
+    takes for CUDA tensors (a split per tensor, one encoder launch for the block), forced onto
+    the CPU under the interpreter."""
     from neuzip_offload import codec
 
     forced = codec._use_triton
     codec._use_triton = lambda t: True  # type: ignore[assignment]
     try:
-        return [codec.compress(t, config=config) for t in tensors]
+        return codec.compress_many(tensors, config)
     finally:
         codec._use_triton = forced  # type: ignore[assignment]
 
