@@ -135,6 +135,9 @@ class Recording:
     launches: list[Launch]
     host_syncs: int  # .cpu() / .item() / .tolist() calls made by the launchers
     bytes_per_weight: float  # compressed bytes per weight (exponent stream, raw plane, tables)
+    # of those, the ones a block of any size makes once (the rest scale with its tensors);
+    # None: not measured, all taken per tensor
+    block_syncs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -188,14 +191,15 @@ def drive_decode(cts: list[Any], outs: list[Any]) -> None:
 
 
 def drive_encode(tensors: list[Any], config: Any) -> list[Any]:
-    """Compress one block's tensors with the device encoder (the seam): the path compress()
-    takes for CUDA tensors, forced onto the CPU under the interpreter."""
+    """Compress one block's tensors with the device encoder (the seam): the path compress_many()
+    takes for CUDA tensors (a split per tensor, one encoder launch for the block), forced onto
+    the CPU under the interpreter."""
     from neuzip_offload import codec
 
     forced = codec._use_triton
     codec._use_triton = lambda t: True  # type: ignore[assignment]
     try:
-        return [codec.compress(t, config=config) for t in tensors]
+        return codec.compress_many(tensors, config)
     finally:
         codec._use_triton = forced  # type: ignore[assignment]
 
@@ -285,7 +289,12 @@ def record_encode(case: Case) -> Recording:
         cts = drive_encode(tensors, case.config())
         return sum(ct.nbytes for ct in cts) / (DRIVE_N * DRIVE_TENSORS)
 
-    return _record(f"encode {case.label}", body)
+    rec = _record(f"encode {case.label}", body)
+    # the same path on one tensor: round trips that do not scale with the block's tensors
+    one = _record("one tensor", lambda: len(drive_encode(tensors[:1], case.config())))
+    per_tensor = (rec.host_syncs - one.host_syncs) / (DRIVE_TENSORS - 1)
+    rec.block_syncs = max(0, round(one.host_syncs - per_tensor))
+    return rec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,10 +542,14 @@ def _latency(ins: Instr, load_level: Callable[[str], str], role: str) -> tuple[i
 
 
 def word_loads(loop: Loop) -> int:
-    """Loads in ``loop`` whose address comes from a warp operation: one word stream load per
-    decode step."""
+    """16-bit loads in ``loop`` whose address comes from a warp operation: the word stream, one
+    load per decode step."""
     roles = load_roles(loop.body)
-    return sum(1 for i in loop.body if i.base in ("LDG", "LD") and roles.get(i.addr) == "word")
+    return sum(
+        1
+        for i in loop.body
+        if i.base in ("LDG", "LD") and "16" in i.op and roles.get(i.addr) == "word"
+    )
 
 
 def load_roles(body: list[Instr]) -> dict[int, str]:
@@ -639,6 +652,14 @@ class KernelModel:
         c = self.constexprs
         if word_loads(loop):  # a step loop's masked tail: at most one trip
             return 1
+        if "HIST" in c:  # the encoder's prologue and tail, by what each loop does
+            atomics = sum(i.base in ("ATOMS", "ATOM", "RED", "REDS") for i in loop.body)
+            memory = any(i.base in ("LDG", "STG", "LD", "ST") for i in loop.body)
+            if atomics >= 8:  # the histogram: CHUNK / HIST tiles
+                return int(c["CHUNK"]) / int(c["HIST"])
+            if atomics or memory:  # a tensor's ragged rest, the last 1-3 steps: no trip when the
+                return 0  # chunk is whole
+            return 32 if len(loop.body) > 100 else 1  # normalization: 32 bit-steps; the deficit
         if "LUT_TILE" in c:
             tile = int(c["LUT_TILE"])
             stores = [i.op for i in loop.body if i.base in ("STG", "ST")]
@@ -653,8 +674,10 @@ class KernelModel:
         return 1
 
     def table_bytes(self) -> int:
-        """A program's decode tables: 2**PROB_BITS slot bytes and 256 int32 (f, cum) entries
-        (ans.table_words); the encoder's 257 int64 entries are smaller."""
+        """A program's tables: the encoder's 257 int64 entries, a decoder's 2**PROB_BITS slot
+        bytes and 256 int32 (f, cum) entries (ans.table_words)."""
+        if "HIST" in self.constexprs:
+            return 257 * 8
         return (1 << int(self.constexprs.get("PROB_BITS", 12))) + 1024
 
     def level(self, hw: Hardware, warps: float) -> Callable[[str], str]:
@@ -721,9 +744,10 @@ def kernel_model(
     covered = {i.addr for lp in tops for i in lp.body}
     c = dict(spec.constexprs)
     lanes = args.symbols_per_step or (int(c["LANES"]) if "LANES" in c else None)
-    # steps per trip of an unrolled step loop: its word loads (the decoder writes 4 steps a
-    # trip, the compiler may unroll further), else 1
-    unroll = max(1, word_loads(step)) if step is not None else 1
+    # steps per trip of an unrolled step loop: a decoder's word loads (it writes 4 steps a trip,
+    # the compiler may unroll further), else the kernel's UNROLL constexpr (the encoder's 4)
+    words = word_loads(step) if step is not None else 0
+    unroll = words or int(c.get("UNROLL", 1))
     if lanes and not args.symbols_per_step:
         lanes *= unroll
     chunk = args.symbols_per_program or (int(c["CHUNK"]) if "CHUNK" in c else None)
@@ -761,7 +785,9 @@ def tensors_seconds(
     for launch in rec.launches:
         counts[launch.kernel] = counts.get(launch.kernel, 0) + 1
     sizes = [r * c for _, r, c in shapes]
-    seconds = rec.host_syncs / DRIVE_TENSORS * len(shapes) * HOST_SYNC_US * 1e-6
+    fixed = rec.block_syncs or 0
+    syncs = fixed + (rec.host_syncs - fixed) / DRIVE_TENSORS * len(shapes)
+    seconds = syncs * HOST_SYNC_US * 1e-6
     weights = sum(sizes)
     bytes_moved = weights * (rec.bytes_per_weight + io_bytes)
     device = prologues = 0.0
@@ -817,7 +843,9 @@ def model_recording(
     launched = " + ".join(f"{ln.kernel} (grid {ln.grid})" for ln in rec.launches)
     lines.append(f"recorded on a block of {DRIVE_TENSORS} x {DRIVE_N} weights: {launched}")
     lines.append(
-        f"host round trips in the launchers: {rec.host_syncs}; "
+        f"host round trips in the launchers: {rec.host_syncs}"
+        + ("" if rec.block_syncs is None else f" ({rec.block_syncs} per block, not per tensor)")
+        + "; "
         f"compressed bytes per weight: {rec.bytes_per_weight:.3f}"
     )
     figures: dict[str, Any] = {}

@@ -407,7 +407,7 @@ def check_rans(
     import neuzip_offload as nzo
     from neuzip_offload.codec import decode_into
     from neuzip_offload.config import CodecConfig
-    from neuzip_offload.kernels import ans, ans_triton, planes
+    from neuzip_offload.kernels import ans, ans_encode_triton, planes
 
     cuda = dev.type == "cuda"
     for label, kw, scope in configs:
@@ -433,9 +433,12 @@ def check_rans(
             got = ws.view(torch.uint8)[: tables.numel()].cpu()[written]
             expect_same(f"rANS decode tables {label}, {ct.name}", got, tables[written])
             expect_same(f"rANS decode kernel {label}, {ct.name}", out, ref)
-            if cfg.mode == "lossless":  # the encoder kernel alone, on lossless symbols
-                sym = planes.split(x)[0]
-                st = ans_triton.encode_triton(sym.to(dev), h.chunk_size, h.lanes, h.prob_bits)
+        if cfg.mode == "lossless" and cts:  # the encoder kernel alone: the block in one launch
+            h = cts[0].header
+            syms = [planes.split(x)[0].to(dev) for x in tensors.values()]
+            got = ans_encode_triton.encode_block_triton(syms, h.chunk_size, h.lanes, h.prob_bits)
+            for ct, st in zip(cts, got, strict=True):
+                stream = ct.ans_stream()
                 for part in ("words", "states", "word_offsets", "table_lo", "table_len"):
                     expect_same(
                         f"rANS encode kernel {ct.name}, {part}",

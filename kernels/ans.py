@@ -21,7 +21,8 @@ exactly its chunk's words: a decoder that finds otherwise reports the chunk as d
 
 The CPU functions here are the reference and the CPU path: all lanes of all chunks (of several
 tensors at once) form one vector, so the Python loop runs chunk_size / W times per pass, never per
-element. Their Triton twins (a device encoder, the fused GPU decoder) are in ans_triton.py.
+element. Their Triton twins are in ans_encode_triton.py (the device encoder, one launch per
+block) and ans_triton.py (the fused GPU decoder).
 """
 
 from __future__ import annotations
@@ -83,19 +84,26 @@ def normalize_counts(counts: torch.Tensor, prob_bits: int) -> torch.Tensor:
 
     Floors the scaled counts, lifts present symbols to 1, hands the remainder to the symbols with
     the largest fractional parts and, when lifting overshot, takes it back from the largest.
+    Exact integer arithmetic, every tie broken one way (the device encoder in
+    ans_encode_triton.py computes the same tables): the fractional parts of c * M / total are
+    compared as remainders c * M mod total (one denominator), equal ones go to the lower symbol
+    first; the largest frequency taken from is the lowest symbol's among equals.
     """
     M = 1 << prob_bits
     counts = counts.to(torch.int64)
     total = counts.sum(dim=1, keepdim=True).clamp_min(1)
-    scaled = counts.double() * M / total.double()
-    freq = scaled.floor().to(torch.int64)
+    freq = counts * M // total
+    rem = counts * M - freq * total  # the fractional part times total
     present = counts > 0
     freq = torch.where(present & (freq == 0), torch.ones_like(freq), freq)
     deficit = M - freq.sum(dim=1)
-    # positive deficit (< number of present symbols): +1 to the largest fractional parts
-    frac = torch.where(present, scaled - scaled.floor(), torch.full_like(scaled, -1.0))
+    # positive deficit (< number of present symbols): +1 to the largest fractional parts, by
+    # the key rem * 256 + 255 - symbol (distinct for present symbols; absent ones rank last)
+    sym = torch.arange(256)
+    key = torch.where(present, rem * 256 + 255 - sym, torch.full_like(rem, -1))
     rank = torch.empty_like(freq)
-    rank.scatter_(1, frac.argsort(dim=1, descending=True), torch.arange(256).expand_as(freq))
+    order = key.argsort(dim=1, descending=True, stable=True)
+    rank.scatter_(1, order, sym.expand_as(freq))
     freq += (rank < deficit.clamp_min(0)[:, None]).to(torch.int64)
     # negative deficit: take from the largest frequencies, never below 1
     deficit = M - freq.sum(dim=1)

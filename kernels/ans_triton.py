@@ -1,17 +1,17 @@
-"""Triton twins of the rANS coder in ans.py: a device encoder and the fused decoder.
+"""The Triton twin of the rANS decoder in ans.py: the fused GPU decoder.
 
 The decoder is the scheduler's GPU path. One launch covers every chunk of several tensors that
 share a kernel specialization (a block's, e.g. a layer's 7 matrices, or one tensor): a small
 tensor table (one int64 row per tensor: its offsets into the storages its planes and output
 view, its size, its first program) tells each program which tensor and chunk it decodes. Each
-program, one warp per chunk, first builds its chunk's slot table from the compact tables into
-its own region of the workspace, then walks its W lanes as one vector (a lane's word position
-from a 32-lane ballot and population counts) and writes finished floats, merging each step's
-symbols with raw bits loaded a step ahead (planes_triton.load_raw / merge_raw). So a block
-costs 1 launch (there were 2 per tensor, then 2 per block). The encoder writes the stream
-ans.encode writes, bit for bit, where the symbols are (a CUDA device, or the CPU under Triton's
-interpreter). Streams, tables and their layout are ans.py's; both sides are tested against its
-CPU reference.
+program, one warp per chunk, first builds its chunk's decode tables from the compact tables
+into its own 5 KB of the workspace (a symbol-index byte per slot, an (f, cum) word per entry),
+then walks its W lanes as one vector, 4 steps a trip (a lane's word position from a 32-lane
+ballot and population counts), and writes finished floats, merging each step's symbols with
+raw bits loaded 4 steps ahead (planes_triton.load_raw / merge_raw). So a block costs 1 launch
+(there were 2 per tensor, then 2 per block). The device encoder is in
+ans_encode_triton.py. Streams, tables and their layout are ans.py's; both sides are tested
+against its CPU reference.
 """
 
 from __future__ import annotations
@@ -21,20 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from . import HAS_TRITON, planes, planes_triton
-from .ans import (
-    DEFAULT_CHUNK,
-    DEFAULT_LANES,
-    DEFAULT_PROB_BITS,
-    AnsStream,
-    compact_tables,
-    encoder_tables,
-    n_chunks,
-    normalize_counts,
-    table_words,
-)
+from .ans import DEFAULT_CHUNK, DEFAULT_LANES, DEFAULT_PROB_BITS, AnsStream, n_chunks, table_words
 
 # ---------------------------------------------------------------------------------------------
-# kernels: the decoder (one program per chunk of a block, table build and merge fused), encoder
+# kernels: the decoder (one program per chunk of a block, table build and merge fused)
 # ---------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
@@ -349,44 +339,6 @@ if HAS_TRITON:
         if COUNT_DAMAGE:
             tl.atomic_add(damage_ptr, 1 - ok.to(tl.int32), sem="relaxed")
 
-    @triton.jit
-    def _encode_kernel(
-        sym_ptr,
-        len_ptr,
-        tab_ptr,
-        hist_ptr,
-        emit_ptr,
-        state_ptr,
-        CHUNK: tl.constexpr,
-        LANES: tl.constexpr,
-        PROB_BITS: tl.constexpr,
-    ):
-        """Chunk c, its lanes side by side, from the last step to the first (rANS encodes in
-        reverse): writes the state's low 16 bits before each step (the word, if the step emits),
-        whether it emits, and the final states. Positions past the chunk's end read the identity
-        entry 256 (f = M: never emits, state unchanged). int64 arithmetic (states < 2**32)."""
-        S: tl.constexpr = CHUNK // LANES
-        c = tl.program_id(0).to(tl.int64)
-        lanes = tl.arange(0, LANES)
-        n = tl.load(len_ptr + c).to(tl.int64)
-        base = c * CHUNK
-        tab = tab_ptr + c * 257
-        x = tl.full((LANES,), 65536, tl.int64)
-        for i in range(0, S):
-            pos = (S - 1 - i) * LANES + lanes
-            valid = pos < n
-            sym = tl.load(sym_ptr + base + pos, mask=valid, other=0).to(tl.int64)
-            e = tl.load(tab + tl.where(valid, sym, 256))
-            f = e & 0xFFFF
-            emit = (x >> (32 - PROB_BITS)) >= f
-            low = x & 0xFFFF
-            tl.store(hist_ptr + base + pos, (low - ((low >> 15) << 16)).to(tl.int16))
-            tl.store(emit_ptr + base + pos, emit.to(tl.int8))
-            x = tl.where(emit, x >> 16, x)
-            q = x // f
-            x = (q << PROB_BITS) + (x - q * f) + (e >> 16)
-        tl.store(state_ptr + c * LANES + lanes, (x - ((x >> 31) << 32)).to(tl.int32))
-
 
 # Slots per tile of the decode kernel's table build: 1 per thread of its one warp. The prologue
 # then needs <= 58 registers (sm_80-90), under the 64 that keep 32 one-warp CTAs per SM; 128-slot
@@ -395,75 +347,6 @@ _LUT_TILE = 32
 # Table lengths summed per trip when a program finds where its chunk's table starts (the sum of
 # the lengths before it: c / START_TILE dependent trips, 8 bytes per thread each)
 _START_TILE = 256
-_COUNT_ROWS = 64  # chunks per histogram launch of the device encoder (bounds its index buffer)
-
-
-def _chunk_counts_device(sym: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Symbol histogram of each chunk on the symbols' device, returned on the CPU: [C, 256]."""
-    n = sym.numel()
-    C = n_chunks(n, chunk_size)
-    counts = torch.zeros(C * 256, dtype=torch.int64, device=sym.device)
-    for c0 in range(0, C, _COUNT_ROWS):
-        c1 = min(C, c0 + _COUNT_ROWS)
-        part = sym[c0 * chunk_size : min(n, c1 * chunk_size)].to(torch.int32)
-        row = torch.arange(part.numel(), device=sym.device, dtype=torch.int32) // chunk_size
-        idx = row * 256 + part
-        counts[c0 * 256 : c1 * 256] = torch.bincount(idx, minlength=(c1 - c0) * 256)
-    return counts.view(C, 256).cpu()
-
-
-def encode_triton(
-    symbols: torch.Tensor,
-    chunk_size: int = DEFAULT_CHUNK,
-    lanes: int = DEFAULT_LANES,
-    prob_bits: int = DEFAULT_PROB_BITS,
-) -> AnsStream:
-    """The same stream as :func:`ans.encode`, encoded where the symbols are (a CUDA device, or the
-    CPU under Triton's interpreter): one program per chunk, then one compaction of the emitted
-    words. The frequency tables are normalized on the host (C x 256 counts)."""
-    if not HAS_TRITON:
-        raise RuntimeError("Triton is not installed")
-    if chunk_size % lanes:
-        raise ValueError(f"chunk_size ({chunk_size}) must be a multiple of lanes ({lanes})")
-    sym = symbols.reshape(-1).contiguous()
-    dev, n = sym.device, sym.numel()
-    C = n_chunks(n, chunk_size)
-    freq = normalize_counts(_chunk_counts_device(sym, chunk_size), prob_bits)
-    tab = encoder_tables(freq, prob_bits).to(dev)
-    lengths = torch.full((C,), chunk_size, dtype=torch.int64)
-    if C:
-        lengths[-1] = n - (C - 1) * chunk_size
-    hist = torch.empty(C * chunk_size, dtype=torch.int16, device=dev)
-    emit = torch.empty(C * chunk_size, dtype=torch.int8, device=dev)
-    states = torch.empty(C * lanes, dtype=torch.int32, device=dev)
-    if C:
-        _encode_kernel[(C,)](
-            sym,
-            lengths.to(dev),
-            tab,
-            hist,
-            emit,
-            states,
-            CHUNK=chunk_size,
-            LANES=lanes,
-            PROB_BITS=prob_bits,
-            num_warps=1,
-        )
-    # chunk by chunk, each chunk's words in (step, lane) order: the order the decoder reads
-    emitted = emit.view(torch.bool)
-    words = hist[emitted]
-    offsets = torch.zeros(C + 1, dtype=torch.int64, device=dev)
-    if C:
-        offsets[1:] = emitted.view(C, chunk_size).sum(dim=1).cumsum(0)
-    lo, tlen, tfreq = compact_tables(freq, prob_bits)
-    return AnsStream(
-        words=words,
-        states=states,
-        word_offsets=offsets.to(torch.int32),
-        table_lo=lo.to(dev),
-        table_len=tlen.to(dev),
-        table_freq=tfreq.to(dev),
-    )
 
 
 @dataclass(frozen=True)

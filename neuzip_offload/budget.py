@@ -86,11 +86,12 @@ def host_available() -> int:
 
 
 # What transient work costs on the device, per weight, for plans and for the encoder's batches.
-# Encoding n weights of itemsize s on the device holds at most: the weights (s n), the symbol
-# and raw planes (~s n), the encoder's word history (2 n, int16) and emission flags (n), the
-# indices of emitted words (8 bytes per emitted word, ~n/6 words) and the words (~n/3): about
-# (2 s + 4.7) n; counted as (2 s + 6) n, plus the histogram's index buffers (64 chunks of 2^16
-# symbols, 3 int32 buffers: 48 MiB), rounded up.
+# Encoding n weights of itemsize s on the device (kernels/ans_encode_triton.py) holds at most: the
+# weights (s n), the symbol and raw planes (~s n), the planes back to back in one buffer (n), the
+# word scratch (2 n, int16), the words (at most 12 bits per symbol: 1.5 n; ~n/3 for weights) and
+# per 64K-symbol chunk ~2.8 KiB of tables and states plus <= 80 bytes per table entry while they
+# are packed (< 0.4 n): under (2 s + 5) n, counted as (2 s + 6) n; plus the word gather's index
+# buffers (<= 36 MiB) and the tables of chunks shorter than 64K symbols, rounded up.
 ENCODE_FIXED_BYTES = 64 << 20
 
 

@@ -1,9 +1,11 @@
 """compress() and decompress(): float tensors ⇄ CompressedTensor.
 
-Splitting into planes runs where the tensor is (Triton on CUDA, torch on the CPU); the exponent
-coders encode on the CPU. Decoding runs where the compressed planes are: on CUDA the rANS Triton
-kernel writes finished floats; on the CPU the zstd frames (thread pool) or the vectorized torch rANS
-decoder produce symbols that the plane merge turns into floats.
+Splitting into planes runs where the tensor is (Triton on CUDA, torch on the CPU); so does rANS
+encoding (the Triton encoder: one launch for a call's CUDA tensors of one setting; else the
+vectorized CPU encoder), while zstd encodes on the CPU. Decoding runs where the compressed planes
+are: on CUDA the rANS Triton kernel writes finished floats; on the CPU the zstd frames (thread
+pool) or the vectorized torch rANS decoder produce symbols that the plane merge turns into
+floats.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tqdm.auto import tqdm
 from . import compressed as fmt
 from .compressed import CompressedTensor, DamagedDataError, Header
 from .config import CodecConfig
-from .kernels import HAS_TRITON, ans, ans_triton, planes, planes_triton, zstd
+from .kernels import HAS_TRITON, ans, ans_encode_triton, ans_triton, planes, planes_triton, zstd
 from .workers import shared_pool
 
 log = logging.getLogger(__name__)
@@ -122,12 +124,18 @@ def _compress_many(
         c = cfgs[i]
         by_settings.setdefault((c.resolved_chunk_size, c.lanes, c.prob_bits), []).append(i)
     for (chunk, lanes, pb), idx in by_settings.items():
-        rest = []
-        for i in idx:  # encoded where they are: on the GPU by the Triton encoder
+        rest: list[int] = []
+        on_device: dict[torch.device, list[int]] = {}
+        for i in idx:  # encoded where they are: on a GPU by the Triton encoder
             if _use_triton(parts[i][0]):
-                streams[i] = ans_triton.encode_triton(parts[i][0], chunk, lanes, pb)
+                on_device.setdefault(parts[i][0].device, []).append(i)
             else:
                 rest.append(i)
+        for block in on_device.values():  # one launch over all their chunks
+            encoded = ans_encode_triton.encode_block_triton(
+                [parts[i][0] for i in block], chunk, lanes, pb
+            )
+            streams.update(zip(block, encoded, strict=True))
         encoded = ans.encode_many([parts[i][0].cpu() for i in rest], chunk, lanes, pb)
         streams.update(zip(rest, encoded, strict=True))
     built = []
@@ -138,7 +146,9 @@ def _compress_many(
         if c.codec == "ans":
             st = streams[i]
             exp, meta = st.words.view(torch.uint8), fmt.pack_ans_meta(st)
-            table_len = int(st.table_len.to(torch.int64).sum()) + st.table_len.numel()
+            # the tables' entries: read back with the CRCs below (not one sync per tensor)
+            table_len: int | torch.Tensor = st.table_len.to(torch.int64).sum()
+            table_len += st.table_len.numel()
         else:
             exp, offsets = zstd.encode(sym.cpu(), chunk, pool)
             meta, table_len = offsets.view(torch.uint8), 0
@@ -154,10 +164,12 @@ def _compress_many(
         built.append((final, table_len, crc))
         bar.update(1)
     bar.close()
-    crcs = _host_values([b[2] for b in built])  # one sync per device for all device CRCs
+    # one sync per device for all device CRCs and table lengths
+    values = _host_values([b[2] for b in built] + [b[1] for b in built])
+    crcs, table_lens = values[: len(built)], values[len(built) :]
     out = []
     for i, (t, c) in enumerate(zip(tensors, cfgs, strict=True)):
-        final, table_len, _ = built[i]
+        final, table_len = built[i][0], table_lens[i]
         lossy = c.mode == "lossy"
         header = Header(
             dtype=t.dtype,

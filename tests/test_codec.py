@@ -188,6 +188,37 @@ def test_device_compression_equals_host_compression(mode, monkeypatch):
         assert torch.equal(plane, device.planes[k]), k
 
 
+@requires_triton
+def test_device_compression_of_several_tensors_is_one_encoder_launch(monkeypatch):
+    """compress_many's device tensors of one setting are rANS-encoded together, in one kernel
+    launch, and each gives the host's bytes (planes, header, checksum)."""
+    from neuzip_offload import codec
+    from neuzip_offload.kernels import ans_encode_triton, aot
+
+    calls = []
+    encode = ans_encode_triton.encode_block_triton
+
+    def counted(planes, *args):
+        rec = aot.LaunchRecorder()
+        with rec.recording():
+            streams = encode(planes, *args)
+        calls.append((len(planes), rec.launches))
+        return streams
+
+    xs = [(torch.randn(n) * 0.1).to(torch.bfloat16) for n in (700, 1, 256, 0)]
+    cfg = CodecConfig(codec="ans", chunk_size=256, prob_bits=10)
+    host = nzo.compress_many(xs, cfg)
+    monkeypatch.setattr(codec, "_use_triton", lambda t: True)
+    monkeypatch.setattr(ans_encode_triton, "encode_block_triton", counted)
+    device = nzo.compress_many([x.to(TRITON_DEVICE) for x in xs], cfg)
+    assert calls == [(4, 1)]
+    for h, d in zip(host, device, strict=True):
+        d = d.cpu()
+        assert d.header == h.header
+        for k, plane in h.planes.items():
+            assert torch.equal(plane, d.planes[k]), k
+
+
 # ------------------------------------------------------------------------------------------
 # bad input: clear errors that name the argument
 # ------------------------------------------------------------------------------------------
