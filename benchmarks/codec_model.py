@@ -984,10 +984,12 @@ def assumptions() -> list[str]:
         "loads: address from a warp op = word stream (L1), from a loaded value = table gather "
         "(L1 while the resident warps' tables fit, else L2), from the loop counter = plane "
         "stream (DRAM)",
-        "- kernel rows: at full occupancy; tables 2**PROB_BITS + 1024 bytes per program",
+        "- kernel rows: at full occupancy; a decoder's tables 2**PROB_BITS + 1024 bytes per "
+        "program, the encoder's 257 x 8",
         "- the decoder's prologue (straight code, table-start walk, entries, slot fill) is "
         f"counted: {TABLE_ENTRIES} table entries per chunk, the slot fill charged its whole body "
-        "per entry and per unrolled trip of run stores (an overestimate), its loads from L1",
+        "per entry and per unrolled trip of run stores (an overestimate), its loads from L1; the "
+        "encoder's too (CHUNK / HIST histogram tiles, 32 normalization bit-steps, whole chunks)",
         "- step = max(chain, resident warps x instructions / 4); kernel = max(1, programs / "
         "resident programs) x program; at least bytes moved / HBM bandwidth; torch ops between "
         "launches not modelled",
