@@ -70,6 +70,35 @@ def test_triton_decoder_reports_damage_without_faulting():
     assert status.tolist() == [1, 0, 1]
 
 
+def test_a_damaged_table_stays_inside_its_program_and_its_chunk_is_reported():
+    """Frequencies summing far past M (a damaged table the executor's device path decodes
+    without validating): the slot fill stays inside its program's M slots (the workspace past
+    the last program's region is untouched), the other chunks' tables and floats come out
+    right, and the chunk is reported damaged."""
+    x = (torch.randn(768) * 0.05).to(torch.bfloat16)
+    sym, raw = planes.split(x)
+    st = ans.encode(sym, chunk_size=256, lanes=32, prob_bits=10)
+    freq = ans.expand_tables(st, 10)
+    freq[2][freq[2] > 0] = 1023  # the last chunk's entries now sum to ~10 x M
+    lo, tlen, tfreq = ans.compact_tables(freq, 10)
+    dev = TRITON_DEVICE
+    bad = ans.AnsStream(st.words, st.states, st.word_offsets, lo, tlen, tfreq)
+    bad = ans.AnsStream(*(t.to(dev) for t in bad.__dict__.values()))
+    out = torch.empty(768, dtype=torch.bfloat16, device=dev)
+    need = ans.table_words(3, 10)
+    ws = torch.full((need + 8192,), -1, dtype=torch.int32, device=dev)  # a guard zone after
+    kw = dict(fmt=planes.FMT_BF16, chunk_size=256, lanes=32, prob_bits=10, workspace=ws)
+    status = ans_triton.decode_triton(bad, raw.to(dev), None, out, **kw)
+    assert status.tolist() == [1, 1, 0]
+    assert same_bits(out[:512].cpu(), x[:512])
+    assert bool((ws[need:].cpu() == -1).all())
+    good, written = ans.decode_tables(st, 10)
+    got = ws.cpu().view(torch.uint8)
+    for c in (0, 1):  # the other programs' tables are whole
+        part = slice(c * 2048, (c + 1) * 2048)
+        assert torch.equal(got[part][written[part]], good[part][written[part]])
+
+
 def _lut_tables(prob_bits: int) -> torch.Tensor:
     """Frequency tables [C, 256] that stress the table build's slot tiles: symbols ending exactly
     on a tile boundary, zero-frequency gaps inside a table (also right after a boundary), one
