@@ -747,7 +747,8 @@ def kernel_model(
     # steps per trip of an unrolled step loop: a decoder's word loads (it writes 4 steps a trip,
     # the compiler may unroll further), else the kernel's UNROLL constexpr (the encoder's 4)
     words = word_loads(step) if step is not None else 0
-    unroll = words or int(c.get("UNROLL", 1))
+    per_step = max(1, int(c.get("LANES", 32)) // 32)  # a thread loads one word per lane it holds
+    unroll = max(1, words // per_step) if words else int(c.get("UNROLL", 1))
     if lanes and not args.symbols_per_step:
         lanes *= unroll
     chunk = args.symbols_per_program or (int(c["CHUNK"]) if "CHUNK" in c else None)

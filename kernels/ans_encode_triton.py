@@ -128,6 +128,16 @@ if HAS_TRITON:
             ballot = tl.reduce(emit.to(tl.uint32) << lanes.to(tl.uint32), 0, _bit_or)
             rank = _popcount(ballot & below).to(tl.int32)
             written += _popcount(ballot).to(tl.int32)
+        elif x.shape[0] == 64:  # two states per thread: a ballot per half, 32-63 after 0-31
+            upper = lanes >= 32
+            below = (tl.full(x.shape, 1, tl.uint32) << (lanes & 31).to(tl.uint32)) - 1
+            bit = emit.to(tl.uint32) << (lanes & 31).to(tl.uint32)
+            low = tl.reduce(tl.where(upper, 0, bit), 0, _bit_or)
+            high = tl.reduce(tl.where(upper, bit, 0), 0, _bit_or)
+            n_low = _popcount(low).to(tl.int32)
+            mine = _popcount(tl.where(upper, high, low) & below).to(tl.int32)
+            rank = mine + tl.where(upper, n_low, 0)
+            written += n_low + _popcount(high).to(tl.int32)
         else:  # more lanes than a 32-bit ballot holds: an exclusive prefix sum
             rank = tl.cumsum(emit.to(tl.int32), 0) - emit.to(tl.int32)
             written += tl.sum(emit.to(tl.int32), 0)

@@ -192,6 +192,15 @@ if HAS_TRITON:
             ballot = tl.reduce(need.to(tl.uint32) << lanes.to(tl.uint32), 0, _bit_or)
             pos = ptr + _popcount(ballot & below).to(tl.int32)
             taken = _popcount(ballot).to(tl.int32)
+        elif LANES == 64:  # two states per thread: a ballot per half, lanes 32-63 after 0-31
+            upper = lanes >= 32
+            bit = need.to(tl.uint32) << (lanes & 31).to(tl.uint32)
+            low = tl.reduce(tl.where(upper, 0, bit), 0, _bit_or)
+            high = tl.reduce(tl.where(upper, bit, 0), 0, _bit_or)
+            n_low = _popcount(low).to(tl.int32)
+            mine = _popcount(tl.where(upper, high, low) & below).to(tl.int32)
+            pos = ptr + mine + tl.where(upper, n_low, 0)
+            taken = n_low + _popcount(high).to(tl.int32)
         else:  # more lanes than a 32-bit ballot holds: an exclusive prefix sum
             inc = tl.cumsum(need.to(tl.int32), 0)
             pos = ptr + (inc - need.to(tl.int32))
@@ -272,7 +281,7 @@ if HAS_TRITON:
         ).to(tl.uint32)
         tl.debug_barrier()
         # a lane's word is the chunk's next word plus the lanes below it that read one
-        below = (tl.full((LANES,), 1, tl.uint32) << lanes.to(tl.uint32)) - 1
+        below = (tl.full((LANES,), 1, tl.uint32) << (lanes & 31).to(tl.uint32)) - 1
         # Raw bits (and scales) load AHEAD = 4 steps before their merge: the trip below decodes 4
         # steps, each merging the set (a, b, c, d) loaded one trip earlier and then loading the
         # same set for 4 steps later into it. A load's DRAM latency (~550 cycles, more under

@@ -32,7 +32,12 @@ FORMAT_VERSION = 1
 PLANE_NAMES = ("exp", "meta", "raw", "scales")
 SCALE_BITS = 7
 
-_DEFAULT_CHUNK = {"ans": ans.DEFAULT_CHUNK, "zstd": zstd.DEFAULT_FRAME}
+# What a version-1 header leaves out ("n", "w", "pb") means. Fixed with the format, not taken
+# from the codecs' defaults: those may change (the rANS lanes went from 32 to 64), and a header
+# written without the key must read the same forever.
+_ABSENT_CHUNK = {"ans": 1 << 16, "zstd": 1 << 18}
+_ABSENT_LANES = 32
+_ABSENT_PROB_BITS = 12
 
 
 class DamagedDataError(ValueError):
@@ -79,8 +84,8 @@ class Header:
     block_size: int = 1  # lossy with normalization only (1 otherwise)
     normalize: bool = False
     chunk_size: int = ans.DEFAULT_CHUNK
-    lanes: int = ans.DEFAULT_LANES  # ans only
-    prob_bits: int = ans.DEFAULT_PROB_BITS  # ans only
+    lanes: int = _ABSENT_LANES  # ans only (zstd headers keep this)
+    prob_bits: int = _ABSENT_PROB_BITS  # ans only
     table_len: int = 0  # ans: frequency-table entries, all chunks
     exp_nbytes: int = 0
     crc: int = 0
@@ -101,15 +106,15 @@ class Header:
     def to_json(self) -> str:
         d: dict = {"v": self.version, "t": dtypes.of(self.dtype).header, "s": list(self.shape)}
         d["c"] = self.codec
-        if self.chunk_size != _DEFAULT_CHUNK[self.codec]:
+        if self.chunk_size != _ABSENT_CHUNK[self.codec]:
             d["n"] = self.chunk_size
         if self.lossy:
             d["k"] = self.mantissa_bits
             d["b"] = self.block_size if self.normalize else 0
         if self.codec == "ans":
-            if self.lanes != ans.DEFAULT_LANES:
+            if self.lanes != _ABSENT_LANES:
                 d["w"] = self.lanes
-            if self.prob_bits != ans.DEFAULT_PROB_BITS:
+            if self.prob_bits != _ABSENT_PROB_BITS:
                 d["pb"] = self.prob_bits
             d["T"] = self.table_len
         d["e"] = self.exp_nbytes
@@ -137,9 +142,9 @@ class Header:
                 mantissa_bits=int(d.get("k", 0)),
                 block_size=block if block else 1,
                 normalize=lossy and block > 0,
-                chunk_size=int(d.get("n", _DEFAULT_CHUNK[codec])),
-                lanes=int(d.get("w", ans.DEFAULT_LANES)),
-                prob_bits=int(d.get("pb", ans.DEFAULT_PROB_BITS)),
+                chunk_size=int(d.get("n", _ABSENT_CHUNK[codec])),
+                lanes=int(d.get("w", _ABSENT_LANES)),
+                prob_bits=int(d.get("pb", _ABSENT_PROB_BITS)),
                 table_len=int(d.get("T", 0)),
                 exp_nbytes=int(d["e"]),
                 crc=int(d["x"]),

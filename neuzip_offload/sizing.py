@@ -87,8 +87,8 @@ def unencoded(t: torch.Tensor, config: CodecConfig, name: str | None = None) -> 
         mode="lossless",
         codec=config.codec,
         chunk_size=chunk,
-        lanes=config.lanes if config.codec == "ans" else ans.DEFAULT_LANES,
-        prob_bits=config.prob_bits if config.codec == "ans" else ans.DEFAULT_PROB_BITS,
+        lanes=config.lanes if config.codec == "ans" else Header.lanes,
+        prob_bits=config.prob_bits if config.codec == "ans" else Header.prob_bits,
         table_len=table_len,
         exp_nbytes=exp_nbytes,
     )

@@ -51,6 +51,23 @@ def test_header_is_compact_versioned_json():
     assert Header.from_json(ct.header.to_json()) == ct.header
 
 
+def test_keys_a_version_1_header_leaves_out_keep_their_meaning():
+    """A header without "n", "w" or "pb" (written when those were the codec's defaults: 64K
+    chunks, 32 lanes, 12 bits) reads so whatever today's defaults are; today's default of 64
+    lanes is written out."""
+    from neuzip_offload.kernels import ans
+
+    old = '{"v":1,"t":"bf16","s":[4,8],"c":"ans","T":3,"e":10,"x":7}'
+    h = Header.from_json(old)
+    assert (h.chunk_size, h.lanes, h.prob_bits) == (1 << 16, 32, 12)
+    assert h.to_json() == old  # written back the same
+    _, ct = _ct()
+    if ct.codec == "ans":
+        assert json.loads(ct.header.to_json())["w"] == ans.DEFAULT_LANES == 64
+    new = Header.from_json(old.replace('"c":"ans"', '"c":"ans","w":64'))
+    assert new.lanes == 64 and '"w":64' in new.to_json()
+
+
 def test_unknown_version_is_refused_with_a_message():
     _, ct = _ct()
     d = json.loads(ct.header.to_json())
@@ -110,7 +127,8 @@ def test_inconsistent_index_is_reported_before_decoding():
     header, planes = ct.state()
     meta = planes["meta"].clone()
     C = ct.header.n_chunks
-    woff = meta[4 * C * 32 : 4 * C * 32 + 4 * (C + 1)].view(torch.int32)
+    W = ct.header.lanes  # the states come first: W per chunk
+    woff = meta[4 * C * W : 4 * C * W + 4 * (C + 1)].view(torch.int32)
     woff[1] = 10**8  # a word offset past the end of the stream
     damaged = CompressedTensor.from_state(header, dict(planes, meta=meta), "w", verify=False)
     with pytest.raises(DamagedDataError, match="word offsets"):

@@ -43,16 +43,16 @@ def _block(pb: int) -> list[torch.Tensor]:
     ]
 
 
-@pytest.mark.parametrize("prob_bits", [10, 12])
-def test_one_launch_writes_the_reference_streams(prob_bits):
+@pytest.mark.parametrize(("prob_bits", "lanes"), [(10, 32), (12, 32), (12, 64)])
+def test_one_launch_writes_the_reference_streams(prob_bits, lanes):
     """Every tensor's stream equals ans.encode_many's bit for bit (dtypes included), from one
-    kernel launch; the CPU decoder reads each back."""
+    kernel launch; the CPU decoder reads each back. 64 lanes: two states per thread."""
     planes_ = _block(prob_bits)
-    want = ans.encode_many(planes_, 256, 32, prob_bits)
+    want = ans.encode_many(planes_, 256, lanes, prob_bits)
     rec = aot.LaunchRecorder()
     with rec.recording():
         got = ans_encode_triton.encode_block_triton(
-            [p.to(TRITON_DEVICE) for p in planes_], 256, 32, prob_bits
+            [p.to(TRITON_DEVICE) for p in planes_], 256, lanes, prob_bits
         )
     assert rec.launches == 1
     for i, (g, w, sym) in enumerate(zip(got, want, planes_, strict=True)):
@@ -60,8 +60,8 @@ def test_one_launch_writes_the_reference_streams(prob_bits):
             a, b = getattr(w, field), getattr(g, field).cpu()
             assert a.dtype == b.dtype and torch.equal(a, b), (i, field)
         st = ans.AnsStream(*(getattr(g, f).cpu() for f in FIELDS))
-        assert ans.validate(st, sym.numel(), 256, 32, prob_bits) is None
-        back, ok = ans.decode(st, sym.numel(), 256, 32, prob_bits)
+        assert ans.validate(st, sym.numel(), 256, lanes, prob_bits) is None
+        back, ok = ans.decode(st, sym.numel(), 256, lanes, prob_bits)
         assert torch.equal(back, sym.reshape(-1)) and bool(ok.all()), i
 
 
@@ -91,7 +91,14 @@ def test_one_tensor_and_the_triton_decoder_round_trip():
         assert torch.equal(getattr(want, field), getattr(st, field).cpu()), field
     out = torch.empty(1000, dtype=torch.bfloat16, device=TRITON_DEVICE)
     status = ans_triton.decode_triton(
-        st, raw.to(TRITON_DEVICE), None, out, fmt=planes.FMT_BF16, chunk_size=256, prob_bits=10
+        st,
+        raw.to(TRITON_DEVICE),
+        None,
+        out,
+        fmt=planes.FMT_BF16,
+        chunk_size=256,
+        lanes=32,
+        prob_bits=10,
     )
     assert bool(status.all()) and same_bits(out.cpu(), x)
 

@@ -12,31 +12,41 @@ from tests.helpers import TRITON_DEVICE, requires_triton, same_bits
 pytestmark = requires_triton
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_triton_decoder_matches_reference_lossless(dtype):
+@pytest.mark.parametrize(
+    ("dtype", "lanes"),
+    [(torch.bfloat16, 32), (torch.float16, 32), (torch.float32, 32), (torch.bfloat16, 64),
+     (torch.float32, 64), (torch.bfloat16, 16), (torch.bfloat16, 128)],
+)  # fmt: skip
+def test_triton_decoder_matches_reference_lossless(dtype, lanes):
+    """Every lane count the decoder has a path for: one ballot (<= 32), two (64: two states per
+    thread), a prefix sum (more)."""
     x = (torch.randn(1500) * torch.logspace(-3, 2, 1500)).to(dtype)
     x[:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
     sym, raw = planes.split(x)
-    st = ans.encode(sym, chunk_size=256, lanes=32, prob_bits=10)
+    st = ans.encode(sym, chunk_size=256, lanes=lanes, prob_bits=10)
     dev = TRITON_DEVICE
     st = ans.AnsStream(*(t.to(dev) for t in st.__dict__.values()))
     out = torch.empty(x.numel(), dtype=dtype, device=dev)
-    status = ans_triton.decode_triton(
-        st, raw.to(dev), None, out, fmt=planes.FMT_OF[dtype], chunk_size=256, lanes=32, prob_bits=10
-    )
+    kw = dict(fmt=planes.FMT_OF[dtype], chunk_size=256, lanes=lanes, prob_bits=10)
+    status = ans_triton.decode_triton(st, raw.to(dev), None, out, **kw)
     assert bool(status.all())
     assert same_bits(out.cpu(), x)
 
 
 @pytest.mark.parametrize(
-    ("k", "normalize", "dtype"),
-    [(3, True, torch.bfloat16), (0, True, torch.float32), (7, False, torch.float16)],
+    ("k", "normalize", "dtype", "lanes"),
+    [
+        (3, True, torch.bfloat16, 32),
+        (0, True, torch.float32, 32),
+        (7, False, torch.float16, 32),
+        (3, True, torch.bfloat16, 64),
+    ],
 )
-def test_triton_decoder_matches_reference_lossy(k, normalize, dtype):
+def test_triton_decoder_matches_reference_lossy(k, normalize, dtype, lanes):
     x = (torch.randn(1200) * 0.05).to(dtype)
     sym, field, scales = planes.lossy_split(x, k, 128, normalize)
     ref = planes.lossy_merge(sym, field, scales, k, 128, dtype)
-    st = ans.encode(sym, chunk_size=512, lanes=32, prob_bits=12)
+    st = ans.encode(sym, chunk_size=512, lanes=lanes, prob_bits=12)
     dev = TRITON_DEVICE
     st = ans.AnsStream(*(t.to(dev) for t in st.__dict__.values()))
     out = torch.empty(x.numel(), dtype=dtype, device=dev)
@@ -49,7 +59,7 @@ def test_triton_decoder_matches_reference_lossy(k, normalize, dtype):
         mantissa_bits=k,
         block_size=128,
         chunk_size=512,
-        lanes=32,
+        lanes=lanes,
         prob_bits=12,
     )
     assert bool(status.all())
