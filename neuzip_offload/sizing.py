@@ -41,15 +41,25 @@ def chunk_counts(symbols: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(rows).astype(np.int64, copy=False))
 
 
-def _ans_sizes(counts: torch.Tensor, prob_bits: int) -> tuple[int, int]:
-    """(exp plane bytes, table entries) of rANS-coded chunks with these histograms."""
+_STATE_PAYLOAD_BITS = 8.0  # coded bits a rANS lane's final state holds, on average
+
+
+def _ans_sizes(counts: torch.Tensor, prob_bits: int, lanes: int) -> tuple[int, int]:
+    """(exp plane bytes, table entries) of rANS-coded chunks with these histograms.
+
+    The coded bits go to the words but for what the lanes' final states keep: each lane starts
+    at x = 2**16 and ends with log2(x) in [16, 32), about 8 bits of payload on average (x near
+    log-uniform) once it has coded a few symbols; the states are stored apart (the meta plane).
+    """
     if counts.numel() == 0:
         return 0, 0
     freq = ans.normalize_counts(counts, prob_bits)
     present = counts > 0
     cost = torch.where(present, prob_bits - torch.log2(freq.clamp_min(1).double()), 0.0)
     bits = (counts.double() * cost).sum(dim=1)  # per chunk
-    words = int(torch.ceil(bits / ans.WORD_BITS).sum())
+    used = counts.sum(dim=1).clamp(max=lanes).double()  # lanes with a symbol
+    in_states = torch.minimum(used * _STATE_PAYLOAD_BITS, bits)
+    words = int(torch.ceil((bits - in_states) / ans.WORD_BITS).sum())
     idx = torch.arange(256).expand_as(counts)
     lo = torch.where(present, idx, 256).amin(dim=1)
     hi = torch.where(present, idx, -1).amax(dim=1)
@@ -78,7 +88,7 @@ def unencoded(t: torch.Tensor, config: CodecConfig, name: str | None = None) -> 
     counts = chunk_counts(symbols, chunk)
     del symbols
     if config.codec == "ans":
-        exp_nbytes, table_len = _ans_sizes(counts, config.prob_bits)
+        exp_nbytes, table_len = _ans_sizes(counts, config.prob_bits, config.lanes)
     else:
         exp_nbytes, table_len = _entropy_bytes(counts), 0
     header = Header(

@@ -21,9 +21,9 @@ def _weights(dtype: torch.dtype) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("codec", ["ans", "zstd"])
-def test_a_stand_in_has_the_encoders_header_but_for_the_coded_exponents(dtype, codec):
-    cfg = CodecConfig(codec=codec)
+@pytest.mark.parametrize(("codec", "lanes"), [("ans", 64), ("ans", 32), ("zstd", 64)])
+def test_a_stand_in_has_the_encoders_header_but_for_the_coded_exponents(dtype, codec, lanes):
+    cfg = CodecConfig(codec=codec, lanes=lanes)
     for w in _weights(dtype):
         real = nzo.compress(w, config=cfg)
         est = sizing.unencoded(w, cfg, "w")

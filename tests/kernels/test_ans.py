@@ -62,7 +62,10 @@ def test_compresses_close_to_the_entropy():
     p = torch.bincount(sym.long(), minlength=256).double() / sym.numel()
     h = float(-(p[p > 0] * p[p > 0].log2()).sum())
     coded = 16 * st.words.numel() + 32 * st.states.numel()
-    assert coded / sym.numel() < h + 0.02
+    # a lane's final state is 32 bits of which ~8 carry payload (it starts at 2**16): the
+    # rest is the lanes' fixed cost; the coding itself is within 0.02 bits of the entropy
+    assert coded / sym.numel() < h + 0.02 + 24 * st.states.numel() / sym.numel()
+    assert coded / sym.numel() > h
 
 
 def test_normalized_tables_sum_to_m_and_keep_every_symbol():
