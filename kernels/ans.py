@@ -36,7 +36,10 @@ STATE_BITS = 32
 WORD_BITS = 16
 L = 1 << 16
 DEFAULT_PROB_BITS = 12
-DEFAULT_LANES = 64
+# 32 lanes keep issue 2's bits (MiniLM 10.6077 lossless, 6.6489 lossy k=3). 64 (two states per
+# thread on the GPU; CodecConfig(lanes=64)) decode faster in the model (BENCHMARKS, issue 12) for
+# ~0.012 bits per weight more: each lane's final state costs ~24 bits
+DEFAULT_LANES = 32
 DEFAULT_CHUNK = 1 << 16
 # At most this many symbols go through one vectorized pass (temporaries: ~4-5 bytes per
 # symbol). Measured on SmolLM2's planes, one thread: 16M and 32M encode at the same speed, 8M

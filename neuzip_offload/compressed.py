@@ -33,7 +33,7 @@ PLANE_NAMES = ("exp", "meta", "raw", "scales")
 SCALE_BITS = 7
 
 # What a version-1 header leaves out ("n", "w", "pb") means. Fixed with the format, not taken
-# from the codecs' defaults: those may change (the rANS lanes went from 32 to 64), and a header
+# from the codecs' defaults: those may change (64 lanes are one setting away), and a header
 # written without the key must read the same forever.
 _ABSENT_CHUNK = {"ans": 1 << 16, "zstd": 1 << 18}
 _ABSENT_LANES = 32
