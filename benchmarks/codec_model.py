@@ -145,13 +145,15 @@ class Case:
     label: str
     mode: str
     k: int = 0
+    lanes: int | None = None  # None: the codec's default
 
     def config(self) -> Any:
         from neuzip_offload.config import CodecConfig
 
+        lanes = {} if self.lanes is None else {"lanes": self.lanes}
         if self.mode == "lossless":
-            return CodecConfig(codec="ans")
-        return CodecConfig(codec="ans", mode="lossy", mantissa_bits=self.k)
+            return CodecConfig(codec="ans", **lanes)
+        return CodecConfig(codec="ans", mode="lossy", mantissa_bits=self.k, **lanes)
 
 
 DECODE_CASES = (Case("bf16 lossless", "lossless"), Case("bf16 lossy k=3", "lossy", 3))
@@ -926,9 +928,10 @@ def model_recording(
 CHUNK_SIZES = (65536, 32768, 16384, 8192)
 
 
-def minilm_bits(chunk: int) -> float | None:
-    """Lossless rANS bits per weight of MiniLM's matrices (bf16) at ``chunk`` symbols per chunk,
-    measured by compressing them on the host (None when the model package is missing)."""
+def minilm_bits(chunk: int, lanes: int) -> float | None:
+    """Lossless rANS bits per weight of MiniLM's matrices (bf16) at ``chunk`` symbols per chunk
+    and ``lanes`` lanes, measured by compressing them on the host (None when the model package
+    is missing)."""
     import torch
 
     from neuzip_offload import bundled, codec
@@ -939,33 +942,38 @@ def minilm_bits(chunk: int) -> float | None:
     except (ImportError, FileNotFoundError):
         return None
     tensors = [m.to(torch.bfloat16) for m in mats.values()]
-    cts = codec.compress_many(tensors, CodecConfig(codec="ans", chunk_size=chunk))
+    cts = codec.compress_many(tensors, CodecConfig(codec="ans", chunk_size=chunk, lanes=lanes))
     return sum(ct.nbytes for ct in cts) * 8 / sum(t.numel() for t in tensors)
 
 
 def chunk_tradeoff(rec: Recording, args: argparse.Namespace) -> list[str]:
-    """The decode kernel as compiled, at other chunk sizes (sub-streams): the modelled rates,
-    the decode workspace of an 8B layer, and MiniLM's measured bits per weight."""
+    """The decode kernel as compiled for ``rec`` (the default lanes) and for 64 lanes (two
+    states per thread), at other chunk sizes (sub-streams): the modelled rates, the decode
+    workspace of an 8B layer, and MiniLM's measured bits per weight."""
     from neuzip_offload.kernels import ans
 
-    lines = ["### chunk size: sub-streams (MODEL, sm_90; bits per weight MEASURED)", ""]
+    lines = ["### lanes and chunk size: more states per SM (MODEL, sm_90; bits MEASURED)", ""]
     hw = HARDWARE[90]
-    specs = list({ln.kernel: ln.spec for ln in rec.launches}.values())
-    compiled = compile_kernels(specs, 90)
-    base = {s.name: kernel_model(compiled[s.name], s, hw, args) for s in specs}
+    recordings = {ans.DEFAULT_LANES: rec}
+    if ans.DEFAULT_LANES != 64:
+        recordings[64] = record_decode(Case("bf16 lossless", "lossless", lanes=64))
     rows = []
-    for chunk in CHUNK_SIZES:
-        models = {k: replace(m, symbols_per_program=chunk) for k, m in base.items()}
-        row: dict[str, Any] = {"chunk": f"{chunk // 1024}K"}
-        for label, shapes in (("Llama-3-8B layer", LLAMA3_8B_LAYER), ("lone k_proj", K_PROJ)):
-            seconds, prologue = tensors_seconds(rec, models, hw, shapes, 2)
-            gbps = sum(r * c for _, r, c in shapes) * 2 / seconds / 1e9
-            row[f"{label} GB/s (prologue share)"] = f"{gbps:,.0f} ({prologue:.0%})"
-        chunks = sum(_chunks(r * c, chunk) for _, r, c in LLAMA3_8B_LAYER)
-        row["8B layer workspace MB"] = f"{4 * ans.table_words(chunks) / 1e6:.1f}"
-        bits = minilm_bits(chunk)
-        row["MiniLM bits/weight"] = "-" if bits is None else f"{bits:.4f}"
-        rows.append(row)
+    for lanes, r in recordings.items():
+        specs = list({ln.kernel: ln.spec for ln in r.launches}.values())
+        compiled = compile_kernels(specs, 90)
+        base = {s.name: kernel_model(compiled[s.name], s, hw, args) for s in specs}
+        for chunk in CHUNK_SIZES:
+            models = {k: replace(m, symbols_per_program=chunk) for k, m in base.items()}
+            row: dict[str, Any] = {"lanes": lanes, "chunk": f"{chunk // 1024}K"}
+            for label, shapes in (("Llama-3-8B layer", LLAMA3_8B_LAYER), ("lone k_proj", K_PROJ)):
+                seconds, prologue = tensors_seconds(r, models, hw, shapes, 2)
+                gbps = sum(rr * c for _, rr, c in shapes) * 2 / seconds / 1e9
+                row[f"{label} GB/s (prologue share)"] = f"{gbps:,.0f} ({prologue:.0%})"
+            chunks = sum(_chunks(rr * c, chunk) for _, rr, c in LLAMA3_8B_LAYER)
+            row["8B layer workspace MB"] = f"{4 * ans.table_words(chunks) / 1e6:.1f}"
+            bits = minilm_bits(chunk, lanes)
+            row["MiniLM bits/weight"] = "-" if bits is None else f"{bits:.4f}"
+            rows.append(row)
     return [*lines, *_table(rows), ""]
 
 

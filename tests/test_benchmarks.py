@@ -392,14 +392,19 @@ def test_codec_model_chunk_tradeoff_rows(monkeypatch):
     if codec_model.cuobjdump() is None:
         pytest.skip("cuobjdump is not shipped with this triton")
     monkeypatch.setattr(codec_model, "CHUNK_SIZES", (65536, 16384))
-    monkeypatch.setattr(codec_model, "minilm_bits", lambda chunk: 10 + 1024 / chunk)
+    monkeypatch.setattr(codec_model, "minilm_bits", lambda chunk, lanes: 10 + lanes / chunk)
     rec = codec_model.record_decode(codec_model.DECODE_CASES[0])
     lines = codec_model.chunk_tradeoff(rec, codec_model.parse_args(["--quick"]))
-    rows = [ln.split("|") for ln in lines if ln.startswith("| 64K") or ln.startswith("| 16K")]
-    assert [r[1].strip() for r in rows] == ["64K", "16K"]
-    lone = [float(r[3].split()[0].replace(",", "")) for r in rows]
-    assert lone[1] > lone[0] > 0
-    assert [r[5].strip() for r in rows] == ["10.0156", "10.0625"]
+    rows = [ln.split("|") for ln in lines if ln.startswith("| 32 ") or ln.startswith("| 64 ")]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [
+        ("32", "64K"),
+        ("32", "16K"),
+        ("64", "64K"),
+        ("64", "16K"),
+    ]
+    lone = [float(r[4].split()[0].replace(",", "")) for r in rows]
+    assert lone[1] > lone[0] > 0 and lone[3] > lone[2] > lone[0]  # more states, faster
+    assert [r[6].strip() for r in rows] == ["10.0005", "10.0020", "10.0010", "10.0039"]
 
 
 # benchmarks/moe.py: the issue-11 table at tiny sizes (--quick), the Mixtral-8x7B plans included
