@@ -44,19 +44,9 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .ans_triton import lane_ranks  # the decoder's: the same ballot ranks its lanes
+
     _TAB = tl.constexpr(_TAB_ENTRIES)
-
-    @triton.jit
-    def _bit_or(a, b):
-        return a | b
-
-    @triton.jit
-    def _popcount(v):
-        """Set bits of each uint32 (SWAR: the same integer steps compiled and interpreted)."""
-        v = v - ((v >> 1) & 0x55555555)
-        v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
-        v = (v + (v >> 4)) & 0x0F0F0F0F
-        return (v * 0x01010101) >> 24
 
     @triton.jit
     def _normalize(counts, total, PROB_BITS: tl.constexpr):
@@ -118,29 +108,12 @@ if HAS_TRITON:
         one correction makes it exact."""
         e_next = tl.load(tab + y_next)
         y_new = _symbols(sym, pos_ahead)
-        lanes = tl.arange(0, x.shape[0])
         lo = e.to(tl.uint32)
         f = lo & 0xFFFF
         rcp = (e >> 32).to(tl.uint32)
         emit = (x >> (32 - PROB_BITS)) >= f
-        if x.shape[0] <= 32:  # a ballot (OR-reduce: redux.sync) and population counts
-            below = (tl.full(x.shape, 1, tl.uint32) << lanes.to(tl.uint32)) - 1
-            ballot = tl.reduce(emit.to(tl.uint32) << lanes.to(tl.uint32), 0, _bit_or)
-            rank = _popcount(ballot & below).to(tl.int32)
-            written += _popcount(ballot).to(tl.int32)
-        elif x.shape[0] == 64:  # two states per thread: a ballot per half, 32-63 after 0-31
-            upper = lanes >= 32
-            below = (tl.full(x.shape, 1, tl.uint32) << (lanes & 31).to(tl.uint32)) - 1
-            bit = emit.to(tl.uint32) << (lanes & 31).to(tl.uint32)
-            low = tl.reduce(tl.where(upper, 0, bit), 0, _bit_or)
-            high = tl.reduce(tl.where(upper, bit, 0), 0, _bit_or)
-            n_low = _popcount(low).to(tl.int32)
-            mine = _popcount(tl.where(upper, high, low) & below).to(tl.int32)
-            rank = mine + tl.where(upper, n_low, 0)
-            written += n_low + _popcount(high).to(tl.int32)
-        else:  # more lanes than a 32-bit ballot holds: an exclusive prefix sum
-            rank = tl.cumsum(emit.to(tl.int32), 0) - emit.to(tl.int32)
-            written += tl.sum(emit.to(tl.int32), 0)
+        rank, emitted = lane_ranks(emit)
+        written += emitted
         # the step's words, in lane order, go before those of the later steps
         word = (x & 0xFFFF).to(tl.uint16).to(tl.int16, bitcast=True)
         tl.store(end + (rank - written), word, mask=emit)

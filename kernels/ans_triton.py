@@ -86,6 +86,35 @@ if HAS_TRITON:
         return (v * 0x01010101) >> 24
 
     @triton.jit
+    def lane_ranks(flag):
+        """For a boolean vector over a chunk's lanes: each lane's count of set lanes below it,
+        and the set lanes in all (int32). Up to 32 lanes: a ballot (OR-reduce: one REDUX.OR)
+        and population counts; 64 (two per thread): a ballot per half, 32-63 after 0-31; more:
+        a prefix sum. The rANS decoder ranks the lanes that read a word, the encoder those that
+        write one."""
+        W: tl.constexpr = flag.shape[0]
+        lanes = tl.arange(0, W)
+        if W <= 32:
+            below = (tl.full((W,), 1, tl.uint32) << lanes.to(tl.uint32)) - 1
+            ballot = tl.reduce(flag.to(tl.uint32) << lanes.to(tl.uint32), 0, _bit_or)
+            rank = _popcount(ballot & below).to(tl.int32)
+            total = _popcount(ballot).to(tl.int32)
+        elif W == 64:
+            upper = lanes >= 32
+            below = (tl.full((W,), 1, tl.uint32) << (lanes & 31).to(tl.uint32)) - 1
+            bit = flag.to(tl.uint32) << (lanes & 31).to(tl.uint32)
+            low = tl.reduce(tl.where(upper, 0, bit), 0, _bit_or)
+            high = tl.reduce(tl.where(upper, bit, 0), 0, _bit_or)
+            n_low = _popcount(low).to(tl.int32)
+            rank = _popcount(tl.where(upper, high, low) & below).to(tl.int32)
+            rank += tl.where(upper, n_low, 0)
+            total = n_low + _popcount(high).to(tl.int32)
+        else:
+            rank = tl.cumsum(flag.to(tl.int32), 0) - flag.to(tl.int32)
+            total = tl.sum(flag.to(tl.int32), 0)
+        return rank, total
+
+    @triton.jit
     def _table_entry(freq_ptr, k, nbytes, PROB_BITS: tl.constexpr):
         """Entry k of the packed PROB_BITS-bit table stream (spans at most three bytes), as int32
         whatever the type of k (a loop carries what it returns)."""
@@ -151,67 +180,39 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_step(
-        x,
-        ptr,
-        end,
-        offs,
-        valid,
-        lanes,
-        below,
-        lo,
-        slot_sym,
-        sym_fc,
-        words,
-        out,
-        r0,
-        r1,
-        r2,
-        r3,
-        LANES: tl.constexpr,
-        PROB_BITS: tl.constexpr,
-        FMT: tl.constexpr,
-        K: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr,
-        NORMALIZE: tl.constexpr,
-        OUT: tl.constexpr,
-    ):
-        """One step of a chunk's lanes: decode a symbol per valid lane through the slot table,
-        renormalize (the lanes that need a word take the next ones in lane order), merge the
-        symbols with their raw bits (r0..r3, loaded earlier) and store the floats. Invalid lanes
-        keep their state and read nothing. ``words`` points at the chunk's first word, ``ptr``
-        and ``end`` count words from there (int32: a chunk has < 2**31 words); ``offs`` are the
-        lanes' element indices in the tensor (int64). Returns (states, word pointer)."""
+        x, ptr, end, base, i, cnt, n, lo, slot_sym, sym_fc, words, raw, scales, out,
+        r0, r1, r2, r3,
+        LANES: tl.constexpr, PROB_BITS: tl.constexpr, FMT: tl.constexpr, K: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, NORMALIZE: tl.constexpr, OUT: tl.constexpr,
+    ):  # fmt: skip
+        """One step of a chunk's lanes, at their indices ``i`` in the chunk (those < ``cnt`` are
+        valid; element indices base + i, int64): decode a symbol per valid lane through the
+        tables, renormalize (the lanes that need a word take the next ones in lane order), merge
+        the symbols with their raw bits (r0..r3, loaded 4 steps earlier), store the floats, and
+        load the raw bits of the lanes' step 4 steps later. Invalid lanes keep their state and
+        read nothing. ``words`` points at the chunk's first word, ``ptr`` and ``end`` count words
+        from there (int32). Returns (states, word pointer, the raw bits loaded)."""
         M: tl.constexpr = 1 << PROB_BITS
+        AHEAD: tl.constexpr = 4 * LANES
+        valid = i < cnt
         slot = x & (M - 1)
         j = tl.load(slot_sym + slot).to(tl.uint32)
         fc = tl.load(sym_fc + j).to(tl.uint32, bitcast=True)
         x_new = (fc & 0x1FFF) * (x >> PROB_BITS) + slot - (fc >> 13)
         x = tl.where(valid, x_new, x)
         need = valid & (x < 65536)
-        if LANES <= 32:  # a ballot (OR-reduce: redux.sync) and population counts
-            ballot = tl.reduce(need.to(tl.uint32) << lanes.to(tl.uint32), 0, _bit_or)
-            pos = ptr + _popcount(ballot & below).to(tl.int32)
-            taken = _popcount(ballot).to(tl.int32)
-        elif LANES == 64:  # two states per thread: a ballot per half, lanes 32-63 after 0-31
-            upper = lanes >= 32
-            bit = need.to(tl.uint32) << (lanes & 31).to(tl.uint32)
-            low = tl.reduce(tl.where(upper, 0, bit), 0, _bit_or)
-            high = tl.reduce(tl.where(upper, bit, 0), 0, _bit_or)
-            n_low = _popcount(low).to(tl.int32)
-            mine = _popcount(tl.where(upper, high, low) & below).to(tl.int32)
-            pos = ptr + mine + tl.where(upper, n_low, 0)
-            taken = n_low + _popcount(high).to(tl.int32)
-        else:  # more lanes than a 32-bit ballot holds: an exclusive prefix sum
-            inc = tl.cumsum(need.to(tl.int32), 0)
-            pos = ptr + (inc - need.to(tl.int32))
-            taken = tl.sum(need.to(tl.int32), 0)
+        rank, taken = lane_ranks(need)  # a lane's word: the next, past the lanes below it
+        pos = ptr + rank
         w = tl.load(words + pos, mask=need & (pos < end), other=0)
         w = w.to(tl.uint16, bitcast=True).to(tl.uint32)
         x = tl.where(need, (x << 16) | w, x)
         planes_triton.merge_raw(
-            lo + j, r0, r1, r2, r3, offs, valid, out, FMT, K, BLOCK_SIZE, NORMALIZE, OUT
+            lo + j, r0, r1, r2, r3, base + i, valid, out, FMT, K, BLOCK_SIZE, NORMALIZE, OUT
         )
-        return x, ptr + taken
+        r0, r1, r2, r3 = planes_triton.load_raw(
+            base + i + AHEAD, i + AHEAD < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+        )
+        return x, ptr + taken, r0, r1, r2, r3
 
     @triton.jit
     def _decode_kernel(
@@ -280,17 +281,13 @@ if HAS_TRITON:
             row, c, tlo_ptr, tlen_ptr, tfreq_ptr, slot_sym, sym_fc, PROB_BITS, LUT_TILE, START_TILE
         ).to(tl.uint32)
         tl.debug_barrier()
-        # a lane's word is the chunk's next word plus the lanes below it that read one
-        below = (tl.full((LANES,), 1, tl.uint32) << (lanes & 31).to(tl.uint32)) - 1
-        # Raw bits (and scales) load AHEAD = 4 steps before their merge: the trip below decodes 4
-        # steps, each merging the set (a, b, c, d) loaded one trip earlier and then loading the
-        # same set for 4 steps later into it. A load's DRAM latency (~550 cycles, more under
-        # load) so overlaps ~4 dependent chains of ~190 cycles instead of stalling the next one.
-        # The sets are separate registers, never moved (a move would wait for the load).
-        # Steps past the chunk's end (the last trip's) are masked: they change no state.
-        # i: the lanes' indices in the chunk (int32, compared with its size cnt); o = base + i
-        # their element indices in the tensor (int64: past 2**31), for addresses only
-        cnt = tl.minimum(n - base, CHUNK).to(tl.int32)
+        # Raw bits (and scales) load 4 steps before their merge: a trip decodes 4 steps, each
+        # merging the set (a, b, c, d) loaded a trip earlier and loading the same set for 4
+        # steps later into it. A load's DRAM latency (~550 cycles, more under load) so overlaps
+        # ~4 dependent chains of ~250 cycles instead of stalling the next one. The sets are
+        # separate registers, never moved (a move would wait for the load). Steps past the
+        # chunk's end (the last trip's) are masked: they change no state.
+        cnt = tl.minimum(n - base, CHUNK).to(tl.int32)  # lanes' indices i in the chunk: int32
         steps = (cnt + LANES - 1) // LANES
         i = lanes
         a0, a1, a2, a3 = planes_triton.load_raw(
@@ -309,40 +306,24 @@ if HAS_TRITON:
             base + i, i < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
         )
         tl.static_assert(UNROLL == 4, "the step loop below is written out for 4 steps a trip")
-        AHEAD: tl.constexpr = UNROLL * LANES
         for s in range(0, steps, UNROLL):
             i = s * LANES + lanes
-            x, ptr = _decode_step(
-                x, ptr, end, base + i, i < cnt, lanes, below, lo, slot_sym, sym_fc, words, out,
+            x, ptr, a0, a1, a2, a3 = _decode_step(
+                x, ptr, end, base, i, cnt, n, lo, slot_sym, sym_fc, words, raw, scales, out,
                 a0, a1, a2, a3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
             )  # fmt: skip
-            a0, a1, a2, a3 = planes_triton.load_raw(
-                base + i + AHEAD, i + AHEAD < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
-            )
-            i += LANES
-            x, ptr = _decode_step(
-                x, ptr, end, base + i, i < cnt, lanes, below, lo, slot_sym, sym_fc, words, out,
-                b0, b1, b2, b3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
+            x, ptr, b0, b1, b2, b3 = _decode_step(
+                x, ptr, end, base, i + LANES, cnt, n, lo, slot_sym, sym_fc, words, raw, scales,
+                out, b0, b1, b2, b3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
             )  # fmt: skip
-            b0, b1, b2, b3 = planes_triton.load_raw(
-                base + i + AHEAD, i + AHEAD < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
-            )
-            i += LANES
-            x, ptr = _decode_step(
-                x, ptr, end, base + i, i < cnt, lanes, below, lo, slot_sym, sym_fc, words, out,
-                c0, c1, c2, c3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
+            x, ptr, c0, c1, c2, c3 = _decode_step(
+                x, ptr, end, base, i + 2 * LANES, cnt, n, lo, slot_sym, sym_fc, words, raw,
+                scales, out, c0, c1, c2, c3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
             )  # fmt: skip
-            c0, c1, c2, c3 = planes_triton.load_raw(
-                base + i + AHEAD, i + AHEAD < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
-            )
-            i += LANES
-            x, ptr = _decode_step(
-                x, ptr, end, base + i, i < cnt, lanes, below, lo, slot_sym, sym_fc, words, out,
-                d0, d1, d2, d3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
+            x, ptr, d0, d1, d2, d3 = _decode_step(
+                x, ptr, end, base, i + 3 * LANES, cnt, n, lo, slot_sym, sym_fc, words, raw,
+                scales, out, d0, d1, d2, d3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
             )  # fmt: skip
-            d0, d1, d2, d3 = planes_triton.load_raw(
-                base + i + AHEAD, i + AHEAD < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
-            )
         ok = (tl.sum((x != 65536).to(tl.int32), 0) == 0) & (ptr == end)
         tl.store(status_ptr + p, ok.to(tl.int8))
         if COUNT_DAMAGE:
