@@ -608,8 +608,11 @@ def _layer_8b(ctx: Context, pcie: float) -> None:
     import neuzip_offload as nzo
     from neuzip_offload.codec import decode_into
     from neuzip_offload.config import CodecConfig
-    from neuzip_offload.kernels import ans, ans_triton, planes
-    from neuzip_offload.scheduler.layout import PackedLayout, bind, pack
+    from neuzip_offload.kernels import ans
+    from neuzip_offload.scheduler.accounting import Accountant
+    from neuzip_offload.scheduler.decoder import Decoder
+    from neuzip_offload.scheduler.layout import PackedLayout, bind, pack, slot_layout
+    from neuzip_offload.scheduler.streams import Streams
 
     report, dev = ctx.report, ctx.dev
     g = torch.Generator(device=dev).manual_seed(1)
@@ -635,25 +638,17 @@ def _layer_8b(ctx: Context, pcie: float) -> None:
                 if status is not None:  # None: a host decode, checked at once
                     damage.add_((status == 0).sum(dtype=torch.int32))
 
-        # as the executor decodes a block: planes packed in one buffer, one launch
-        layout = PackedLayout.of(cts)
-        buf = pack(cts, lambda nb: torch.empty(nb, dtype=torch.uint8, device=dev))
-        packed = bind(cts, layout, buf)
-        jobs = [
-            ans_triton.DecodeJob(ct.ans_stream(), ct.planes["raw"], ct.planes.get("scales"), v)
-            for ct, v in zip(packed, views, strict=True)
-        ]
-        settings = dict(
-            fmt=planes.FMT_LOSSY if h.lossy else planes.FMT_OF[h.dtype],
-            mantissa_bits=h.mantissa_bits,
-            block_size=h.block_size,
-            chunk_size=h.chunk_size,
-            lanes=h.lanes,
-            prob_bits=h.prob_bits,
-        )
+        # as the executor decodes a block: its Decoder, planes packed in one buffer, one launch
+        # into the block's slot (on the CPU the interpreter runs the device path)
+        packed = bind(cts, PackedLayout.of(cts), pack(cts, lambda nb: torch.empty(
+            nb, dtype=torch.uint8, device=dev)))  # fmt: skip
+        entries, slot_bytes = slot_layout(packed, list(mats))
+        block_slot = torch.empty(slot_bytes, dtype=torch.uint8, device=dev)
+        decoder = Decoder(["layer"], Streams(dev), Accountant(1 << 40), 4 * ws.numel(), None)
+        decoder.on_device = True
 
-        def one_launch(jobs=jobs, ws=ws, damage=damage, settings=settings) -> None:
-            ans_triton.decode_block_triton(jobs, workspace=ws, damage=damage, **settings)
+        def one_launch(decoder=decoder, packed=packed, entries=entries, slot=block_slot) -> None:
+            decoder.decode_block(packed, entries, slot, 0)
 
         comp = sum(ct.nbytes for ct in cts)
         t_pcie = comp / (pcie * 1e9)
@@ -662,10 +657,13 @@ def _layer_8b(ctx: Context, pcie: float) -> None:
             slot.zero_()
             t = cuda_time(fn, repeat=10)
             expect(int(damage) == 0, f"8B layer decode {label} {how}", f"{int(damage)} damaged")
+            decoder.check_damage()  # raises DamagedDataError naming the block
             if not h.lossy:
-                got = torch.cat([v.reshape(-1) for v in views])
+                got = [v.reshape(-1) for v in views]
+                if how == "one launch":
+                    got = [e.view(block_slot).reshape(-1) for e in entries]
                 want = torch.cat([w.reshape(-1) for w in mats.values()])
-                expect_same(f"8B layer decode {label} {how}", got, want)
+                expect_same(f"8B layer decode {label} {how}", torch.cat(got), want)
             report.row(
                 f"8B layer decode {label} ({how}), GB/s of bf16",
                 f"{2 * n / 1e9 / t:.0f}",
@@ -673,7 +671,8 @@ def _layer_8b(ctx: Context, pcie: float) -> None:
                 f"{comp / 1e6:.0f} MB at {pcie:.1f} GB/s: {t_pcie * 1e3:.2f} ms "
                 f"(decode / PCIe = {t / t_pcie:.2f})",
             )
-        del cts, packed, buf, jobs, slot, views, ws
+        decoder.close()
+        del cts, packed, slot, block_slot, views, ws, decoder
     # a lone k_proj: its chunks alone fill little of the GPU; smaller chunks (sub-streams) give
     # it more programs for a few hundredths of a bit per weight (BENCHMARKS: the model's table)
     w = mats.get("k_proj", next(iter(mats.values())))
