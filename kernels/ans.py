@@ -365,17 +365,26 @@ def build_luts(freq: torch.Tensor, prob_bits: int) -> torch.Tensor:
     return torch.cat([lut, identity]).reshape(-1).to(torch.int32)  # wraps to the bit pattern
 
 
+# Bytes before the first program's tables in the GPU decoder's workspace: a program looks up
+# (f, cum) by symbol at its entries minus lo, so a stale or damaged slot byte below lo reads up
+# to 1020 bytes before its entries; with this guard that stays inside the workspace.
+TABLE_GUARD_BYTES = 1024
+
+
 def table_words(chunks: int, prob_bits: int = DEFAULT_PROB_BITS) -> int:
-    """int32 words of workspace the GPU decoder (ans_triton) needs for ``chunks`` chunks: per
-    chunk's program, 2**prob_bits slot indices (bytes) and 256 int32 (f, cum) entries."""
-    return chunks * (((1 << prob_bits) + 1024) // 4)
+    """int32 words of workspace the GPU decoder (ans_triton) needs for ``chunks`` chunks: a
+    guard, then per chunk's program 2**prob_bits slot symbols (bytes) and 256 int32 (f, cum)
+    entries."""
+    if chunks <= 0:
+        return 0
+    return (TABLE_GUARD_BYTES + chunks * ((1 << prob_bits) + 1024)) // 4
 
 
 def decode_tables(stream: AnsStream, prob_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The decode kernel's tables of every chunk of ``stream``, as it leaves them in the workspace
-    (uint8 [chunks * (2**prob_bits + 1024)], on the CPU), and a mask of the bytes it writes:
-    the CPU reference for tests and gpu_check. Per chunk: the index (symbol - lo) of each slot's
-    symbol, then per entry j of its table f | cum << 13 as int32 (0 for an absent symbol)."""
+    (uint8 [table_words * 4], on the CPU), and a mask of the bytes it writes (not the guard):
+    the CPU reference for tests and gpu_check. Per chunk: each slot's symbol, then per entry j of
+    its table (symbol lo + j) f | cum << 13 as int32 (0 for an absent symbol)."""
     freq = expand_tables(stream, prob_bits).to(torch.int64)  # [C, 256] by symbol
     C, M = freq.shape[0], 1 << prob_bits
     lo = stream.table_lo.cpu().to(torch.int64)
@@ -384,11 +393,12 @@ def decode_tables(stream: AnsStream, prob_bits: int) -> tuple[torch.Tensor, torc
     f = torch.where(lo[:, None] + j[None, :] <= 255, freq.gather(1, sym), 0)
     cum = f.cumsum(dim=1) - f
     fc = torch.where(f > 0, f | (cum << 13), 0).to(torch.int32)
-    slot_sym = torch.repeat_interleave(j.repeat(C), f.reshape(-1)).view(C, M).to(torch.uint8)
+    slot_sym = torch.repeat_interleave(sym.reshape(-1), f.reshape(-1)).view(C, M).to(torch.uint8)
     tables = torch.cat([slot_sym, fc.view(torch.uint8)], dim=1).reshape(-1)
     entries = j[None, :] <= stream.table_len.cpu().to(torch.int64)[:, None]  # [C, 256]
     written = torch.cat([torch.ones(C, M, dtype=torch.bool), entries.repeat_interleave(4, 1)], 1)
-    return tables, written.reshape(-1)
+    guard = torch.zeros(TABLE_GUARD_BYTES, dtype=torch.uint8)
+    return torch.cat([guard, tables]), torch.cat([guard.bool(), written.reshape(-1)])
 
 
 def decode_many(

@@ -5,7 +5,7 @@ share a kernel specialization (a block's, e.g. a layer's 7 matrices, or one tens
 tensor table (one int64 row per tensor: its offsets into the storages its planes and output
 view, its size, its first program) tells each program which tensor and chunk it decodes. Each
 program, one warp per chunk, first builds its chunk's decode tables from the compact tables
-into its own 5 KB of the workspace (a symbol-index byte per slot, an (f, cum) word per entry),
+into its own 5 KB of the workspace (a symbol byte per slot, an (f, cum) word per entry),
 then walks its W lanes as one vector, 4 steps a trip (a lane's word position from a 32-lane
 ballot and population counts), and writes finished floats, merging each step's symbols with
 raw bits loaded 4 steps ahead (planes_triton.load_raw / merge_raw). So a block costs 1 launch
@@ -21,7 +21,15 @@ from dataclasses import dataclass
 import torch
 
 from . import HAS_TRITON, planes, planes_triton
-from .ans import DEFAULT_CHUNK, DEFAULT_LANES, DEFAULT_PROB_BITS, AnsStream, n_chunks, table_words
+from .ans import (
+    DEFAULT_CHUNK,
+    DEFAULT_LANES,
+    DEFAULT_PROB_BITS,
+    TABLE_GUARD_BYTES,
+    AnsStream,
+    n_chunks,
+    table_words,
+)
 
 # ---------------------------------------------------------------------------------------------
 # kernels: the decoder (one program per chunk of a block, table build and merge fused)
@@ -49,6 +57,7 @@ if HAS_TRITON:
     _R_SCALES = tl.constexpr(11)  # its block scales (uint8)
     _R_OUT = tl.constexpr(12)  # its output (raw bits: uint16, or int32 for fp32)
     _ROW = tl.constexpr(16)
+    _GUARD = tl.constexpr(TABLE_GUARD_BYTES)  # workspace bytes before the first program's
 
     @triton.jit
     def _row_of(tab_ptr, n_tensors, p, MAX_TENSORS: tl.constexpr):
@@ -140,9 +149,8 @@ if HAS_TRITON:
         START_TILE: tl.constexpr,
     ):
         """Store chunk c's decode tables, from the compact table the format stores: at slot_sym
-        (M uint8) the table index j of the symbol owning each slot (the symbol is lo + j), at
-        sym_fc (int32, one per entry of the table: j < len + 1) f | cum << 13 (0 for an absent
-        symbol). Returns lo.
+        (M uint8) the symbol owning each slot, at sym_fc (int32, one per entry j < len + 1 of the
+        table: symbol lo + j) f | cum << 13 (0 for an absent symbol). Returns lo.
 
         Split so that a program's tables take M + 1 KB (5 KB at 12 bits, not 16 KB of one int32
         entry per slot): a full SM's resident programs keep theirs in L1. Built in two passes,
@@ -172,7 +180,7 @@ if HAS_TRITON:
             fc = tl.load(sym_fc + j)
             f = fc & 0x1FFF
             cum = fc >> 13
-            byte = (ar * 0 + j).to(tl.uint8)
+            byte = (ar * 0 + lo + j).to(tl.uint8)  # the symbol
             for r in range(0, f, TILE):
                 slots = cum + r + ar
                 tl.store(slot_sym + slots, byte, mask=(r + ar < f) & (slots < M))
@@ -180,7 +188,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_step(
-        x, ptr, end, base, i, cnt, n, lo, slot_sym, sym_fc, words, raw, scales, out,
+        x, ptr, end, base, i, cnt, n, slot_sym, fc_of, words, raw, scales, out,
         r0, r1, r2, r3,
         LANES: tl.constexpr, PROB_BITS: tl.constexpr, FMT: tl.constexpr, K: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, NORMALIZE: tl.constexpr, OUT: tl.constexpr,
@@ -196,8 +204,8 @@ if HAS_TRITON:
         AHEAD: tl.constexpr = 4 * LANES
         valid = i < cnt
         slot = x & (M - 1)
-        j = tl.load(slot_sym + slot).to(tl.uint32)
-        fc = tl.load(sym_fc + j).to(tl.uint32, bitcast=True)
+        sym = tl.load(slot_sym + slot).to(tl.uint32)
+        fc = tl.load(fc_of + sym).to(tl.uint32, bitcast=True)
         x_new = (fc & 0x1FFF) * (x >> PROB_BITS) + slot - (fc >> 13)
         x = tl.where(valid, x_new, x)
         need = valid & (x < 65536)
@@ -207,7 +215,7 @@ if HAS_TRITON:
         w = w.to(tl.uint16, bitcast=True).to(tl.uint32)
         x = tl.where(need, (x << 16) | w, x)
         planes_triton.merge_raw(
-            lo + j, r0, r1, r2, r3, base + i, valid, out, FMT, K, BLOCK_SIZE, NORMALIZE, OUT
+            sym, r0, r1, r2, r3, base + i, valid, out, FMT, K, BLOCK_SIZE, NORMALIZE, OUT
         )
         r0, r1, r2, r3 = planes_triton.load_raw(
             base + i + AHEAD, i + AHEAD < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
@@ -274,13 +282,15 @@ if HAS_TRITON:
         # (L1-resident: M + 1024 bytes); the barrier (bar.sync: a CTA's global stores before it
         # are visible to its threads after it) orders the tables' stores before the step
         # loop's loads from other lanes
-        region = p * (M + 1024)  # bytes: M slot indices, then 256 int32 (f, cum)
+        # bytes: past the guard, M slot symbols then 256 int32 (f, cum) per program
+        region = _GUARD + p * (M + 1024)
         slot_sym = ws8_ptr + region
         sym_fc = ws32_ptr + (region + M) // 4
         lo = _build_tables(
             row, c, tlo_ptr, tlen_ptr, tfreq_ptr, slot_sym, sym_fc, PROB_BITS, LUT_TILE, START_TILE
-        ).to(tl.uint32)
+        )
         tl.debug_barrier()
+        fc_of = sym_fc - lo  # entry j is symbol lo + j's: indexed by the symbol from here
         # Raw bits (and scales) load 4 steps before their merge: a trip decodes 4 steps, each
         # merging the set (a, b, c, d) loaded a trip earlier and loading the same set for 4
         # steps later into it. A load's DRAM latency (~550 cycles, more under load) so overlaps
@@ -309,19 +319,19 @@ if HAS_TRITON:
         for s in range(0, steps, UNROLL):
             i = s * LANES + lanes
             x, ptr, a0, a1, a2, a3 = _decode_step(
-                x, ptr, end, base, i, cnt, n, lo, slot_sym, sym_fc, words, raw, scales, out,
+                x, ptr, end, base, i, cnt, n, slot_sym, fc_of, words, raw, scales, out,
                 a0, a1, a2, a3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
             )  # fmt: skip
             x, ptr, b0, b1, b2, b3 = _decode_step(
-                x, ptr, end, base, i + LANES, cnt, n, lo, slot_sym, sym_fc, words, raw, scales,
+                x, ptr, end, base, i + LANES, cnt, n, slot_sym, fc_of, words, raw, scales,
                 out, b0, b1, b2, b3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
             )  # fmt: skip
             x, ptr, c0, c1, c2, c3 = _decode_step(
-                x, ptr, end, base, i + 2 * LANES, cnt, n, lo, slot_sym, sym_fc, words, raw,
+                x, ptr, end, base, i + 2 * LANES, cnt, n, slot_sym, fc_of, words, raw,
                 scales, out, c0, c1, c2, c3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
             )  # fmt: skip
             x, ptr, d0, d1, d2, d3 = _decode_step(
-                x, ptr, end, base, i + 3 * LANES, cnt, n, lo, slot_sym, sym_fc, words, raw,
+                x, ptr, end, base, i + 3 * LANES, cnt, n, slot_sym, fc_of, words, raw,
                 scales, out, d0, d1, d2, d3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
             )  # fmt: skip
         ok = (tl.sum((x != 65536).to(tl.int32), 0) == 0) & (ptr == end)

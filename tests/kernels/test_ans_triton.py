@@ -105,7 +105,8 @@ def test_a_damaged_table_stays_inside_its_program_and_its_chunk_is_reported():
     good, written = ans.decode_tables(st, 10)
     got = ws.cpu().view(torch.uint8)
     for c in (0, 1):  # the other programs' tables are whole
-        part = slice(c * 2048, (c + 1) * 2048)
+        at = ans.TABLE_GUARD_BYTES + c * 2048  # past the guard: program c's 2 KB
+        part = slice(at, at + 2048)
         assert torch.equal(got[part][written[part]], good[part][written[part]])
 
 
@@ -171,12 +172,12 @@ def test_triton_decoder_tables_equal_the_reference(prob_bits):
     assert torch.equal(got[written], expect[written])
     assert bool((got[~written] == 0xFF).all())  # nothing else: the workspace's -1 stays
     # the reference against build_luts: entry symbol | (f - 1) << 8 | (slot - cum) << 20
-    per = expect.view(C, M + 1024)
-    j = per[:, :M].to(torch.int64)
-    fc = per[:, M:].contiguous().view(torch.int32).to(torch.int64)  # [C, 256]
-    e = fc.gather(1, j)
+    assert not bool(written[: ans.TABLE_GUARD_BYTES].any())  # the guard stays as it was
+    per = expect[ans.TABLE_GUARD_BYTES :].view(C, M + 1024)
+    sym = per[:, :M].to(torch.int64)
+    fc = per[:, M:].contiguous().view(torch.int32).to(torch.int64)  # [C, 256], by entry
+    e = fc.gather(1, sym - lo.to(torch.int64)[:, None])
     f1, cum = (e & 0x1FFF) - 1, e >> 13
-    sym = lo.to(torch.int64)[:, None] + j
     slots = torch.arange(M)[None, :]
     lut = ans.build_luts(freq, prob_bits)[: C * M].view(C, M).to(torch.int64) & 0xFFFFFFFF
     assert torch.equal(sym, lut & 0xFF)
