@@ -340,9 +340,9 @@ if HAS_TRITON:
             tl.atomic_add(damage_ptr, 1 - ok.to(tl.int32), sem="relaxed")
 
 
-# Slots per tile of the decode kernel's table build: 1 per thread of its one warp. The prologue
-# then needs <= 58 registers (sm_80-90), under the 64 that keep 32 one-warp CTAs per SM; 128-slot
-# tiles took 72-128 and cost occupancy (one vector of all 4096 slots used ~255 and spilled)
+# Table entries per trip, and slots per store, of the decode kernel's table build: 1 per thread
+# of its one warp (wider vectors raise the prologue's registers, and with them the kernel's: it
+# stays <= 69 on sm_80-90; one vector of all 4096 slots once used ~255 and spilled)
 _LUT_TILE = 32
 # Table lengths summed per trip when a program finds where its chunk's table starts (the sum of
 # the lengths before it: c / START_TILE dependent trips, 8 bytes per thread each)

@@ -35,6 +35,16 @@ def _blocks(shapes_per_block, codec="zstd", config=None):
     return compressed_blocks(shapes_per_block, config or CodecConfig(codec=codec))
 
 
+def _forward_checks_weights(ex, weights):
+    """One forward through every block; each weight comes out bit for bit."""
+    ex.begin_forward()
+    for i, ws in enumerate(weights):
+        ex.enter(i)
+        assert all(same_bits(ex.weight(f"b{i}.w{j}"), w) for j, w in enumerate(ws))
+        ex.exit(i)
+    ex.end_forward()
+
+
 def _options(device_bytes, **kw):
     return PlanOptions(device_bytes=device_bytes, host_bytes=10**9, copies=True, device="cpu", **kw)
 
@@ -58,12 +68,7 @@ def test_the_setup_copy_of_resident_blocks_is_planned_at_every_budget():
         tried_resident += DEVICE in plan.tiers
         held = device_storages(ex)  # found by walking the executor's buffers
         assert sum(held.values()) + plan.transient_bytes <= budget
-        ex.begin_forward()
-        for i, ws in enumerate(weights):
-            ex.enter(i)
-            assert all(same_bits(ex.weight(f"b{i}.w{j}"), w) for j, w in enumerate(ws))
-            ex.exit(i)
-        ex.end_forward()
+        _forward_checks_weights(ex, weights)
         assert device_storages(ex) == held
         ex.close()
     assert tried_resident > 5
@@ -234,12 +239,7 @@ def test_a_streamed_block_decodes_in_one_launch(monkeypatch):
     streamed = [b.index for b in ex.blocks() if b.tier != DEVICE]
     assert streamed
     launches.clear()  # resident blocks decoded at setup, tensor by tensor
-    ex.begin_forward()
-    for i, ws in enumerate(weights):
-        ex.enter(i)
-        assert all(same_bits(ex.weight(f"b{i}.w{j}"), w) for j, w in enumerate(ws))
-        ex.exit(i)
-    ex.end_forward()
+    _forward_checks_weights(ex, weights)
     assert launches == [3] * len(streamed)
     ex.close()
 
