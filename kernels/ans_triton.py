@@ -104,14 +104,16 @@ if HAS_TRITON:
         W: tl.constexpr = flag.shape[0]
         lanes = tl.arange(0, W)
         if W <= 32:
-            below = (tl.full((W,), 1, tl.uint32) << lanes.to(tl.uint32)) - 1
-            ballot = tl.reduce(flag.to(tl.uint32) << lanes.to(tl.uint32), 0, _bit_or)
+            bit = tl.full((W,), 1, tl.uint32) << lanes.to(tl.uint32)  # loop-invariant
+            below = bit - 1
+            ballot = tl.reduce(tl.where(flag, bit, 0), 0, _bit_or)
             rank = _popcount(ballot & below).to(tl.int32)
             total = _popcount(ballot).to(tl.int32)
         elif W == 64:
             upper = lanes >= 32
-            below = (tl.full((W,), 1, tl.uint32) << (lanes & 31).to(tl.uint32)) - 1
-            bit = flag.to(tl.uint32) << (lanes & 31).to(tl.uint32)
+            lane_bit = tl.full((W,), 1, tl.uint32) << (lanes & 31).to(tl.uint32)
+            below = lane_bit - 1
+            bit = tl.where(flag, lane_bit, 0)
             low = tl.reduce(tl.where(upper, 0, bit), 0, _bit_or)
             high = tl.reduce(tl.where(upper, bit, 0), 0, _bit_or)
             n_low = _popcount(low).to(tl.int32)
@@ -192,23 +194,33 @@ if HAS_TRITON:
         r0, r1, r2, r3,
         LANES: tl.constexpr, PROB_BITS: tl.constexpr, FMT: tl.constexpr, K: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, NORMALIZE: tl.constexpr, OUT: tl.constexpr,
+        FULL: tl.constexpr,
     ):  # fmt: skip
         """One step of a chunk's lanes, at their indices ``i`` in the chunk (those < ``cnt`` are
         valid; element indices base + i, int64): decode a symbol per valid lane through the
         tables, renormalize (the lanes that need a word take the next ones in lane order), merge
         the symbols with their raw bits (r0..r3, loaded 4 steps earlier), store the floats, and
         load the raw bits of the lanes' step 4 steps later. Invalid lanes keep their state and
-        read nothing. ``words`` points at the chunk's first word, ``ptr`` and ``end`` count words
-        from there (int32). Returns (states, word pointer, the raw bits loaded)."""
+        read nothing. With FULL the caller vouches that every lane is valid and so is its step 4
+        steps later: no compare, select or predicate for it (the full trips: all but the last
+        two of a chunk). ``words`` points at the chunk's first word, ``ptr`` and ``end`` count
+        words from there (int32). Returns (states, word pointer, the raw bits loaded)."""
         M: tl.constexpr = 1 << PROB_BITS
         AHEAD: tl.constexpr = 4 * LANES
-        valid = i < cnt
         slot = x & (M - 1)
         sym = tl.load(slot_sym + slot).to(tl.uint32)
         fc = tl.load(fc_of + sym).to(tl.uint32, bitcast=True)
         x_new = (fc & 0x1FFF) * (x >> PROB_BITS) + slot - (fc >> 13)
-        x = tl.where(valid, x_new, x)
-        need = valid & (x < 65536)
+        if FULL:
+            x = x_new
+            need = x < 65536
+            valid = None
+            ahead = None
+        else:
+            valid = i < cnt
+            x = tl.where(valid, x_new, x)
+            need = valid & (x < 65536)
+            ahead = i + AHEAD < cnt
         rank, taken = lane_ranks(need)  # a lane's word: the next, past the lanes below it
         pos = ptr + rank
         w = tl.load(words + pos, mask=need & (pos < end), other=0)
@@ -218,9 +230,38 @@ if HAS_TRITON:
             sym, r0, r1, r2, r3, base + i, valid, out, FMT, K, BLOCK_SIZE, NORMALIZE, OUT
         )
         r0, r1, r2, r3 = planes_triton.load_raw(
-            base + i + AHEAD, i + AHEAD < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+            base + i + AHEAD, ahead, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
         )
         return x, ptr + taken, r0, r1, r2, r3
+
+    @triton.jit
+    def _decode_trip(
+        x, ptr, end, base, i, cnt, n, slot_sym, fc_of, words, raw, scales, out,
+        a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3,
+        LANES: tl.constexpr, PROB_BITS: tl.constexpr, FMT: tl.constexpr, K: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, NORMALIZE: tl.constexpr, OUT: tl.constexpr,
+        FULL: tl.constexpr,
+    ):  # fmt: skip
+        """4 steps from lane indices ``i``: each merges its set of raw bits (a, b, c, d) and
+        loads the same set for 4 steps later into it (separate registers, never moved: a move
+        would wait for the load)."""
+        x, ptr, a0, a1, a2, a3 = _decode_step(
+            x, ptr, end, base, i, cnt, n, slot_sym, fc_of, words, raw, scales, out,
+            a0, a1, a2, a3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, FULL,
+        )  # fmt: skip
+        x, ptr, b0, b1, b2, b3 = _decode_step(
+            x, ptr, end, base, i + LANES, cnt, n, slot_sym, fc_of, words, raw, scales, out,
+            b0, b1, b2, b3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, FULL,
+        )  # fmt: skip
+        x, ptr, c0, c1, c2, c3 = _decode_step(
+            x, ptr, end, base, i + 2 * LANES, cnt, n, slot_sym, fc_of, words, raw, scales, out,
+            c0, c1, c2, c3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, FULL,
+        )  # fmt: skip
+        x, ptr, d0, d1, d2, d3 = _decode_step(
+            x, ptr, end, base, i + 3 * LANES, cnt, n, slot_sym, fc_of, words, raw, scales, out,
+            d0, d1, d2, d3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, FULL,
+        )  # fmt: skip
+        return x, ptr, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3
 
     @triton.jit
     def _decode_kernel(
@@ -315,24 +356,22 @@ if HAS_TRITON:
         d0, d1, d2, d3 = planes_triton.load_raw(
             base + i, i < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
         )
-        tl.static_assert(UNROLL == 4, "the step loop below is written out for 4 steps a trip")
-        for s in range(0, steps, UNROLL):
-            i = s * LANES + lanes
-            x, ptr, a0, a1, a2, a3 = _decode_step(
-                x, ptr, end, base, i, cnt, n, slot_sym, fc_of, words, raw, scales, out,
-                a0, a1, a2, a3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
+        tl.static_assert(UNROLL == 4, "the step loops below are written out for 4 steps a trip")
+        # the full trips first: all 4 steps' lanes valid, and those of the 4 steps they load
+        # raw bits for (steps s .. s + 7 < cnt // LANES); then the rest, masked (1 or 2 trips)
+        full = cnt // LANES
+        full_end = tl.maximum(full - 4, 0) // UNROLL * UNROLL
+        for s in range(0, full_end, UNROLL):
+            x, ptr, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3 = _decode_trip(
+                x, ptr, end, base, s * LANES + lanes, cnt, n, slot_sym, fc_of, words, raw,
+                scales, out, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3,
+                LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, True,
             )  # fmt: skip
-            x, ptr, b0, b1, b2, b3 = _decode_step(
-                x, ptr, end, base, i + LANES, cnt, n, slot_sym, fc_of, words, raw, scales,
-                out, b0, b1, b2, b3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
-            )  # fmt: skip
-            x, ptr, c0, c1, c2, c3 = _decode_step(
-                x, ptr, end, base, i + 2 * LANES, cnt, n, slot_sym, fc_of, words, raw,
-                scales, out, c0, c1, c2, c3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
-            )  # fmt: skip
-            x, ptr, d0, d1, d2, d3 = _decode_step(
-                x, ptr, end, base, i + 3 * LANES, cnt, n, slot_sym, fc_of, words, raw,
-                scales, out, d0, d1, d2, d3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT,
+        for s in range(full_end, steps, UNROLL):
+            x, ptr, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3 = _decode_trip(
+                x, ptr, end, base, s * LANES + lanes, cnt, n, slot_sym, fc_of, words, raw,
+                scales, out, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3,
+                LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, False,
             )  # fmt: skip
         ok = (tl.sum((x != 65536).to(tl.int32), 0) == 0) & (ptr == end)
         tl.store(status_ptr + p, ok.to(tl.int8))

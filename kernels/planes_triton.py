@@ -4,7 +4,7 @@ The layouts, references and format codes are planes.py's; every kernel here is t
 its reference bit for bit (tests/kernels/test_planes_triton.py). ``load_raw`` and ``merge_raw``
 are also the tail of the fused rANS decoder (ans_triton.py): symbols + raw bits → finished
 floats, stored through the raw-bits view of the output (``out_bits_view``); the decoder loads a
-step's raw bits one step ahead of the merge.
+step's raw bits 4 steps ahead of the merge.
 """
 
 from __future__ import annotations
@@ -39,14 +39,36 @@ if HAS_TRITON:
     # element count n (2 * n, (K + 1) * n, n * WIDTH) would wrap for tensors of a few hundred
     # million weights. Every kernel widens n to int64 once and derives sizes from that.
 
+    # A mask of None (a constexpr: the rANS decoder's full trips, whose lanes are all in range)
+    # compiles to unpredicated loads and stores: no compare, no select.
+
+    @triton.jit
+    def _load(ptr, mask):
+        """tl.load of ``ptr`` where ``mask`` (None: everywhere), 0 elsewhere."""
+        if mask is None:  # noqa: SIM108 (a constexpr branch: Triton compiles only one load)
+            v = tl.load(ptr)
+        else:
+            v = tl.load(ptr, mask=mask, other=0)
+        return v
+
+    @triton.jit
+    def _store(ptr, value, mask):
+        """tl.store of ``value`` at ``ptr`` where ``mask`` (None: everywhere)."""
+        if mask is None:
+            tl.store(ptr, value)
+        else:
+            tl.store(ptr, value, mask=mask)
+
     @triton.jit
     def field_bytes(field_ptr, offs, mask, total, WIDTH: tl.constexpr):
         """The bytes (b0, b1) that hold element ``offs`` of a packed WIDTH-bit field, as uint32;
         b1 is 0 where no field straddles two bytes (WIDTH 1, 2, 4, 8)."""
         byte = (offs >> 3) * WIDTH + (((offs & 7) * WIDTH) >> 3)
-        b0 = tl.load(field_ptr + byte, mask=mask, other=0).to(tl.uint32)
+        b0 = _load(field_ptr + byte, mask).to(tl.uint32)
         if WIDTH == 1 or WIDTH == 2 or WIDTH == 4 or WIDTH == 8:
             b1 = tl.zeros_like(b0)
+        elif mask is None:
+            b1 = tl.load(field_ptr + byte + 1, mask=byte + 1 < total, other=0).to(tl.uint32)
         else:
             b1 = tl.load(field_ptr + byte + 1, mask=mask & (byte + 1 < total), other=0)
             b1 = b1.to(tl.uint32)
@@ -74,21 +96,21 @@ if HAS_TRITON:
         merge_raw: bf16 the sign|mantissa byte; fp16 the m[7:0] byte and the byte holding
         m[9:8]; fp32 the three raw bytes (m[7:0], m[15:8], sign|m[22:16]); lossy the bytes
         holding the (K + 1)-bit sign|mantissa code and, with NORMALIZE, the bytes holding its
-        block's 7-bit scale. Loads only, so that the rANS decoder can issue them a step ahead
-        and nothing waits for them until the merge."""
+        block's 7-bit scale. Loads only, so that the rANS decoder can issue them steps ahead
+        and nothing waits for them until the merge. ``mask`` None: every element is in range."""
         n = tl.cast(n, tl.int64)  # sizes below are products of n: keep them 64-bit
         if FMT == _LOSSY:
             r0, r1 = field_bytes(raw_ptr, offs, mask, ((K + 1) * n + 7) // 8, K + 1)
         else:
-            r0 = tl.load(raw_ptr + offs, mask=mask, other=0).to(tl.uint32)
+            r0 = _load(raw_ptr + offs, mask).to(tl.uint32)
             r1 = tl.zeros_like(r0)
         r2 = tl.zeros_like(r0)
         r3 = tl.zeros_like(r0)
         if FMT == _FP16:
             r1, _ = field_bytes(raw_ptr + n, offs, mask, (2 * n + 7) // 8, 2)
         elif FMT == _FP32:
-            r1 = tl.load(raw_ptr + n + offs, mask=mask, other=0).to(tl.uint32)
-            r2 = tl.load(raw_ptr + 2 * n + offs, mask=mask, other=0).to(tl.uint32)
+            r1 = _load(raw_ptr + n + offs, mask).to(tl.uint32)
+            r2 = _load(raw_ptr + 2 * n + offs, mask).to(tl.uint32)
         elif FMT == _LOSSY and NORMALIZE:
             nb = (n + BLOCK_SIZE - 1) // BLOCK_SIZE
             r2, r3 = field_bytes(scale_ptr, offs // BLOCK_SIZE, mask, (7 * nb + 7) // 8, 7)
@@ -114,19 +136,21 @@ if HAS_TRITON:
         element indices ``offs``.
 
         ``out_ptr`` holds raw bits: uint16 for bf16/fp16 outputs, int32 for fp32 (OUT says which
-        of FMT_BF16/FP16/FP32 the output is; lossless formats write their own dtype).
+        of FMT_BF16/FP16/FP32 the output is; lossless formats write their own dtype). ``mask``
+        None: every element is in range.
         """
         s = sym.to(tl.uint32)
         if FMT == _BF16:
-            bits = ((r0 & 0x80) << 8) | (s << 7) | (r0 & 0x7F)
-            tl.store(out_ptr + offs, bits.to(tl.uint16), mask=mask)
+            # sign (bit 7 of the byte) to bit 15, m[6:0] stay: r0 * 0x101 holds both in place
+            bits = ((r0 * 0x101) & 0x807F) | (s << 7)
+            _store(out_ptr + offs, bits.to(tl.uint16), mask)
         elif FMT == _FP16:
             hi2 = field_value(r1, r2, offs, 2)  # r2 is 0: a 2-bit field never straddles
             bits = (s << 10) | (hi2 << 8) | r0
-            tl.store(out_ptr + offs, bits.to(tl.uint16), mask=mask)
+            _store(out_ptr + offs, bits.to(tl.uint16), mask)
         elif FMT == _FP32:
             bits = ((r2 & 0x80) << 24) | (s << 23) | ((r2 & 0x7F) << 16) | (r1 << 8) | r0
-            tl.store(out_ptr + offs, bits.to(tl.int32, bitcast=True), mask=mask)
+            _store(out_ptr + offs, bits.to(tl.int32, bitcast=True), mask)
         else:
             code = field_value(r0, r1, offs, K + 1)
             mant = code & ((1 << K) - 1)
@@ -138,12 +162,12 @@ if HAS_TRITON:
             if OUT == _BF16:  # round to nearest even by hand: the same on GPU and interpreter
                 yb = y.to(tl.uint32, bitcast=True)
                 yb = (yb + 0x7FFF + ((yb >> 16) & 1)) >> 16
-                tl.store(out_ptr + offs, yb.to(tl.uint16), mask=mask)
+                _store(out_ptr + offs, yb.to(tl.uint16), mask)
             elif OUT == _FP16:
                 h = y.to(tl.float16).to(tl.uint16, bitcast=True)
-                tl.store(out_ptr + offs, h, mask=mask)
+                _store(out_ptr + offs, h, mask)
             else:
-                tl.store(out_ptr + offs, y.to(tl.int32, bitcast=True), mask=mask)
+                _store(out_ptr + offs, y.to(tl.int32, bitcast=True), mask)
 
     @triton.jit
     def _merge_kernel(
