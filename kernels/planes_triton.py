@@ -61,24 +61,24 @@ if HAS_TRITON:
 
     @triton.jit
     def field_bytes(field_ptr, offs, mask, total, WIDTH: tl.constexpr):
-        """The bytes (b0, b1) that hold element ``offs`` of a packed WIDTH-bit field, as uint32;
-        b1 is 0 where no field straddles two bytes (WIDTH 1, 2, 4, 8)."""
+        """The bytes (b0, b1) that hold element ``offs`` of a packed WIDTH-bit field, as loaded
+        (uint8: widened where used, so that a loop carrying them waits for no load); b1 is 0
+        where no field straddles two bytes (WIDTH 1, 2, 4, 8)."""
         byte = (offs >> 3) * WIDTH + (((offs & 7) * WIDTH) >> 3)
-        b0 = _load(field_ptr + byte, mask).to(tl.uint32)
+        b0 = _load(field_ptr + byte, mask)
         if WIDTH == 1 or WIDTH == 2 or WIDTH == 4 or WIDTH == 8:
             b1 = tl.zeros_like(b0)
         elif mask is None:
-            b1 = tl.load(field_ptr + byte + 1, mask=byte + 1 < total, other=0).to(tl.uint32)
+            b1 = tl.load(field_ptr + byte + 1, mask=byte + 1 < total, other=0)
         else:
             b1 = tl.load(field_ptr + byte + 1, mask=mask & (byte + 1 < total), other=0)
-            b1 = b1.to(tl.uint32)
         return b0, b1
 
     @triton.jit
     def field_value(b0, b1, offs, WIDTH: tl.constexpr):
         """Element ``offs`` of a packed WIDTH-bit field from its bytes (field_bytes), as uint32."""
         sh = (((offs & 7) * WIDTH) & 7).to(tl.uint32)
-        return ((b0 | (b1 << 8)) >> sh) & ((1 << WIDTH) - 1)
+        return ((b0.to(tl.uint32) | (b1.to(tl.uint32) << 8)) >> sh) & ((1 << WIDTH) - 1)
 
     @triton.jit
     def load_raw(
@@ -92,17 +92,19 @@ if HAS_TRITON:
         BLOCK_SIZE: tl.constexpr,
         NORMALIZE: tl.constexpr,
     ):
-        """The raw bytes of elements ``offs``, as four uint32 vectors (0 where unused) for
-        merge_raw: bf16 the sign|mantissa byte; fp16 the m[7:0] byte and the byte holding
-        m[9:8]; fp32 the three raw bytes (m[7:0], m[15:8], sign|m[22:16]); lossy the bytes
-        holding the (K + 1)-bit sign|mantissa code and, with NORMALIZE, the bytes holding its
-        block's 7-bit scale. Loads only, so that the rANS decoder can issue them steps ahead
-        and nothing waits for them until the merge. ``mask`` None: every element is in range."""
+        """The raw bytes of elements ``offs``, as four vectors (0 where unused) for merge_raw:
+        bf16 the sign|mantissa byte; fp16 the m[7:0] byte and the byte holding m[9:8]; fp32 the
+        three raw bytes (m[7:0], m[15:8], sign|m[22:16]); lossy the bytes holding the (K + 1)-bit
+        sign|mantissa code and, with NORMALIZE, the bytes holding its block's 7-bit scale. Loads
+        only, so that the rANS decoder can issue them steps ahead and nothing waits for them
+        until the merge: whole bytes come widened to uint32 (the load widens them), a packed
+        field's bytes as loaded (uint8; merge_raw widens them: widening a masked load is an AND
+        that would wait for it). ``mask`` None: every element is in range."""
         n = tl.cast(n, tl.int64)  # sizes below are products of n: keep them 64-bit
         if FMT == _LOSSY:
             r0, r1 = field_bytes(raw_ptr, offs, mask, ((K + 1) * n + 7) // 8, K + 1)
         else:
-            r0 = _load(raw_ptr + offs, mask).to(tl.uint32)
+            r0 = _load(raw_ptr + offs, mask).to(tl.uint32)  # a whole byte: widened by the load
             r1 = tl.zeros_like(r0)
         r2 = tl.zeros_like(r0)
         r3 = tl.zeros_like(r0)
@@ -140,6 +142,10 @@ if HAS_TRITON:
         None: every element is in range.
         """
         s = sym.to(tl.uint32)
+        r0 = r0.to(tl.uint32)
+        r1 = r1.to(tl.uint32)
+        r2 = r2.to(tl.uint32)
+        r3 = r3.to(tl.uint32)
         if FMT == _BF16:
             # sign (bit 7 of the byte) to bit 15, m[6:0] stay: r0 * 0x101 holds both in place
             bits = ((r0 * 0x101) & 0x807F) | (s << 7)
