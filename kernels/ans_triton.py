@@ -203,8 +203,9 @@ if HAS_TRITON:
         load the raw bits of the lanes' step 4 steps later. Invalid lanes keep their state and
         read nothing. With FULL the caller vouches that every lane is valid and so is its step 4
         steps later: no compare, select or predicate for it (the full trips: all but the last
-        two of a chunk). ``words`` points at the chunk's first word, ``ptr`` and ``end`` count
-        words from there (int32). Returns (states, word pointer, the raw bits loaded)."""
+        one or two of a chunk, none when it has fewer than 8 whole steps). ``words`` points at
+        the chunk's first word, ``ptr`` and ``end`` count words from there (int32). Returns
+        (states, word pointer, the raw bits loaded)."""
         M: tl.constexpr = 1 << PROB_BITS
         AHEAD: tl.constexpr = 4 * LANES
         slot = x & (M - 1)

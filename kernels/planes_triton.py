@@ -40,7 +40,8 @@ if HAS_TRITON:
     # million weights. Every kernel widens n to int64 once and derives sizes from that.
 
     # A mask of None (a constexpr: the rANS decoder's full trips, whose lanes are all in range)
-    # compiles to unpredicated loads and stores: no compare, no select.
+    # compiles to unpredicated loads and stores: no compare, no select (but for the second byte
+    # of a straddling field, still guarded by byte + 1 < total: the last byte has no successor).
 
     @triton.jit
     def _load(ptr, mask):

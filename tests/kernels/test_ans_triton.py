@@ -66,28 +66,33 @@ def test_triton_decoder_matches_reference_lossy(k, normalize, dtype, lanes):
     assert same_bits(out.cpu(), ref)
 
 
-@pytest.mark.parametrize("lanes", [32, 64])
-@pytest.mark.parametrize("rest", [(7, 3), (8, 0), (8, 5), (9, 0), (12, 7)])
+@pytest.mark.parametrize("lanes", [16, 32, 64, 128])
+@pytest.mark.parametrize("rest", [(7, 3), (8, 0), (8, 5), (12, 7)])
 def test_the_full_trips_and_the_masked_rest_meet_exactly(lanes, rest):
     """The decoder runs a chunk's full trips unmasked (every lane of the 4 steps it decodes and
     of the 4 it loads raw bits for is in range) and the rest masked. A whole chunk of 16 steps
     (3 full trips, 1 masked), then a last chunk of ``rest`` = (whole steps, symbols more):
-    just below, on and past the first full trip's bound (8 whole steps); all decode exactly,
-    lossless and lossy."""
+    just below, on and past the first full trip's bound (8 whole steps); every lane path
+    (one ballot, two, a prefix sum) and every raw layout (bf16, fp16's 2-bit field, fp32's
+    three bytes, lossy with scales) decodes exactly."""
     chunk = 16 * lanes
     n = chunk + rest[0] * lanes + rest[1]
-    x = (torch.randn(n) * torch.logspace(-2, 1, n)).to(torch.bfloat16)
     dev = TRITON_DEVICE
-    sym, raw = planes.split(x)
-    st = ans.encode(sym, chunk_size=chunk, lanes=lanes, prob_bits=10)
-    st = ans.AnsStream(*(t.to(dev) for t in st.__dict__.values()))
-    out = torch.empty(n, dtype=torch.bfloat16, device=dev)
     kw = dict(chunk_size=chunk, lanes=lanes, prob_bits=10)
-    status = ans_triton.decode_triton(st, raw.to(dev), None, out, fmt=planes.FMT_BF16, **kw)
-    assert status.tolist() == [1, 1]
-    assert same_bits(out.cpu(), x)
+    x32 = torch.randn(n) * torch.logspace(-2, 1, n)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x = x32.to(dtype)
+        sym, raw = planes.split(x)
+        st = ans.encode(sym, **kw)
+        st = ans.AnsStream(*(t.to(dev) for t in st.__dict__.values()))
+        out = torch.empty(n, dtype=dtype, device=dev)
+        fmt = planes.FMT_OF[dtype]
+        status = ans_triton.decode_triton(st, raw.to(dev), None, out, fmt=fmt, **kw)
+        assert status.tolist() == [1, 1], dtype
+        assert same_bits(out.cpu(), x), dtype
+    x = x32.to(torch.bfloat16)
     sym, field, scales = planes.lossy_split(x, 3, 64, True)
-    st = ans.encode(sym, chunk_size=chunk, lanes=lanes, prob_bits=10)
+    st = ans.encode(sym, **kw)
     st = ans.AnsStream(*(t.to(dev) for t in st.__dict__.values()))
     out = torch.empty(n, dtype=torch.bfloat16, device=dev)
     status = ans_triton.decode_triton(
