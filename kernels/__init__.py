@@ -2,7 +2,8 @@
 
 Each concept has a torch reference (the CPU path) and, where a GPU pays off, Triton kernels with
 their launchers: planes.py and ans.py keep theirs in planes_triton.py, ans_triton.py (decoder)
-and ans_encode_triton.py (encoder); crc.py's short kernel sits beside its reference. Nothing
+and ans_encode_triton.py (encoder), which share lanes_triton.py's ballot ranks; crc.py's short
+kernel sits beside its reference. Nothing
 here imports the rest of the project; Triton is optional.
 """
 

@@ -44,7 +44,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .ans_triton import lane_ranks  # the decoder's: the same ballot ranks its lanes
+    from .lanes_triton import lane_ranks  # the decoder's too: the same ballot ranks its lanes
 
     _TAB = tl.constexpr(_TAB_ENTRIES)
 
