@@ -3,6 +3,7 @@
     python benchmarks/codec_model.py                      # sm_90 and sm_89, decode and encode
     python benchmarks/codec_model.py --quick              # sm_90, the lossless decoder only
     python benchmarks/codec_model.py --write-baseline benchmarks/codec_model_baseline.json
+    python benchmarks/codec_model.py --triton-path /tmp/t36  # compiled by another Triton (3.6)
 
 No GPU is needed. The steps:
 
@@ -14,16 +15,18 @@ No GPU is needed. The steps:
 2. Compile each recorded specialization for sm_90 / sm_89 with Triton in a subprocess (a fresh
    TRITON_CACHE_DIR, no TRITON_* settings), and disassemble the cubin with the cuobjdump Triton
    ships: registers (``--dump-resource-usage``), shared memory (Triton's metadata), SASS.
-3. Per kernel: loops are the backward branches; the step loop is the largest top-level loop that
-   stores to global memory and holds a warp operation (else the largest that stores); a table
-   built in the prologue is not counted. One warp issues its body in order, one instruction per
-   cycle, each instruction waiting for its source registers (latencies below): three iterations are
-   simulated and the third one's cycles are the dependent chain per step. Global loads take their
-   latency from where their address comes from: from a warp operation (the renormalization scan)
-   -> the word stream, L1 (a 128-B line serves several steps); from another loaded value (the
-   decoded state) -> a table gather, L1 while the resident warps' tables fit in L1, else L2;
-   from the loop counter only -> a plane stream (raw bytes, symbols), DRAM (a new sector per
-   step). A step then takes max(chain, resident warps x instructions / 4 schedulers) cycles.
+3. Per kernel: loops are the backward branches; the step loop is the top-level loop that stores
+   to global memory and holds a warp operation with the most word loads (a decoder's), else the
+   most ballots per instruction (an encoder's), else the largest (``step_rank``); the other loops
+   are the prologue and tails, counted by ``KernelModel.other_trips``. One warp issues its
+   body in order, one instruction per cycle, each instruction waiting for its source registers
+   (latencies below): three iterations are simulated and the third one's cycles are the
+   dependent chain per step. Global loads take their latency from where their address comes
+   from: from a warp operation (the renormalization scan) -> the word stream, L1 (a 128-B line
+   serves several steps); from another loaded value (the decoded state) -> a table gather, L1
+   while the resident warps' tables fit in L1, else L2; from the loop counter only -> a plane
+   stream (raw bytes, symbols), DRAM (a new sector per step). A step then takes max(chain,
+   resident warps x instructions / 4 schedulers) cycles.
 4. Per launch: programs scale with the tensor (per chunk for kernels with a CHUNK constexpr,
    else per element); resident programs from occupancy (registers, shared memory, warps and
    CTAs per SM); time = max(1, programs / resident) x program cycles / clock (programs start as
@@ -324,8 +327,14 @@ class Compiled:
     sass: str
 
 
+# Put first on the compile workers' PYTHONPATH (--triton-path: model another Triton, e.g. the 3.6
+# torch 2.11 pins, with the launches still recorded under the local one's interpreter)
+TRITON_PATH: list[str] = []
+
+
 def compile_kernels(specs: list[Any], arch: int) -> dict[str, Compiled]:
-    """Compile ``specs`` (aot.Spec) for ``arch`` in a clean subprocess; SASS via cuobjdump."""
+    """Compile ``specs`` (aot.Spec) for ``arch`` in a clean subprocess (with the Triton on
+    TRITON_PATH, if any); SASS via the local Triton's cuobjdump."""
     tool = cuobjdump()
     if tool is None:
         raise RuntimeError("cuobjdump not found in triton/backends/nvidia/bin")
@@ -335,7 +344,9 @@ def compile_kernels(specs: list[Any], arch: int) -> dict[str, Compiled]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON_")}
         env["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")
         env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns when unset; 1 is its default
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [*TRITON_PATH, str(ROOT), env.get("PYTHONPATH")])
+        )
         proc = subprocess.run(
             [sys.executable, __file__, "--worker", str(job), tmp],
             env=env,
@@ -360,6 +371,16 @@ def compile_kernels(specs: list[Any], arch: int) -> dict[str, Compiled]:
                 _run(tool, "-sass", cubin),
             )
         return out
+
+
+def _worker_triton_version() -> str:
+    """The version of the Triton the compile workers import (TRITON_PATH first)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(TRITON_PATH))
+    code = "import triton; print(triton.__version__)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return proc.stdout.strip()
 
 
 def _run(tool: Path, *args: str) -> str:
@@ -724,6 +745,15 @@ def occupancy(hw: Hardware, regs: int, shared: int, warps: int) -> int:
     return max(0, min(by_regs, by_smem, hw.max_warps // warps, hw.max_ctas))
 
 
+def step_rank(lp: Loop) -> tuple[int, float, int]:
+    """The step loop is the candidate loop ranked highest: by its word loads (a decoder's; ties
+    to the first loop), else by its ballots (REDUX.OR) per instruction, then its size."""
+    if word_loads(lp):
+        return (word_loads(lp), 0.0, -lp.start)
+    ballots = sum(i.op.startswith("REDUX.OR") for i in lp.body)
+    return (0, ballots / max(1, len(lp.body)), len(lp.body))
+
+
 def kernel_model(
     compiled: Compiled, spec: Any, hw: Hardware, args: argparse.Namespace
 ) -> KernelModel:
@@ -737,12 +767,10 @@ def kernel_model(
     warped = [lp for lp in storing if any(i.base in _WARP for i in lp.body)]
     # a decode step reads one renormalization word (a load addressed from the ballot): the
     # loop with the most steps, the first of equals (the decoder's unmasked main loop comes
-    # before its masked tail)
-    step = max(
-        warped or storing or tops,
-        key=lambda lp: (word_loads(lp), len(lp.body) if not word_loads(lp) else -lp.start),
-        default=None,
-    )
+    # before its masked tail). An encoder loads no word: its step loop is the one densest in
+    # ballots (REDUX.OR per instruction; Triton 3.6 on sm_89 wraps the whole encoder, vote
+    # histogram and all, in a loop with more ballots in all), else the largest
+    step = max(warped or storing or tops, key=step_rank, default=None)
     covered = {i.addr for lp in tops for i in lp.body}
     c = dict(spec.constexprs)
     lanes = args.symbols_per_step or (int(c["LANES"]) if "LANES" in c else None)
@@ -1008,10 +1036,13 @@ def assumptions() -> list[str]:
 def run(args: argparse.Namespace) -> list[str]:
     import triton
 
+    TRITON_PATH[:] = getattr(args, "triton_path", [])
+    compiler = triton.__version__ if not TRITON_PATH else _worker_triton_version()
     old: dict[str, Any] = {}
     if args.baseline and Path(args.baseline).exists() and not args.write_baseline:
         old = json.loads(Path(args.baseline).read_text())["figures"]
-    lines = [f"triton {triton.__version__}", *assumptions(), ""]
+    lines = [f"triton {compiler} compiles (launches recorded with {triton.__version__})"]
+    lines += [*assumptions(), ""]
     recordings = [record_decode(DECODE_CASES[0])]
     if not args.quick:
         recordings += [record_decode(DECODE_CASES[1]), record_encode(DECODE_CASES[0])]
@@ -1051,6 +1082,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--symbols-per-program",
         type=int,
         help="symbols one program codes (default: the CHUNK constexpr)",
+    )
+    p.add_argument(
+        "--triton-path",
+        action="append",
+        default=[],
+        help="compile with the Triton in this directory (e.g. pip install --target /tmp/t36 "
+        "triton==3.6.0 --no-deps); launches are still recorded with the local one",
     )
     args = p.parse_args(argv)
     if args.quick:

@@ -407,6 +407,33 @@ def test_codec_model_chunk_tradeoff_rows(monkeypatch):
     assert [r[6].strip() for r in rows] == ["10.0005", "10.0020", "10.0010", "10.0039"]
 
 
+def test_codec_model_compiles_with_the_triton_on_its_path(tmp_path, monkeypatch):
+    """--triton-path puts another Triton first for the compile workers (the 3.6 that torch 2.11
+    pins): here a stand-in package, whose version the model reports."""
+    codec_model = _script("codec_model")
+    fake = tmp_path / "triton"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('__version__ = "0.0.test"\n')
+    monkeypatch.setattr(codec_model, "TRITON_PATH", [str(tmp_path)])
+    assert codec_model._worker_triton_version() == "0.0.test"
+    assert codec_model.parse_args(["--triton-path", str(tmp_path)]).triton_path == [str(tmp_path)]
+
+
+def test_codec_model_takes_the_loop_densest_in_ballots_as_an_encoders_step():
+    """An encoder loads no word: of its loops, the step is the one with the most ballots per
+    instruction, not the largest (Triton 3.6 on sm_89 wraps the whole encoder in one loop)."""
+    codec_model = _script("codec_model")
+
+    def loop(start: int, ballots: int, size: int) -> object:
+        ops = ["REDUX.OR"] * ballots + ["STG.E.U16"] + ["IADD3"] * (size - ballots - 1)
+        body = [codec_model.Instr(start + 16 * k, op, ["R1"], ["R2"]) for k, op in enumerate(ops)]
+        return codec_model.Loop(start, start + 16 * (size - 1), body, True)
+
+    whole, step, tail = loop(0x100, 5, 1800), loop(0xB000, 4, 145), loop(0xC000, 1, 44)
+    rank = codec_model.step_rank
+    assert max([whole, step, tail], key=rank) is step
+
+
 # benchmarks/moe.py: the issue-11 table at tiny sizes (--quick), the Mixtral-8x7B plans included
 # ---------------------------------------------------------------------------------------------
 
