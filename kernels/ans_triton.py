@@ -60,6 +60,7 @@ if HAS_TRITON:
     _R_OUT = tl.constexpr(12)  # its output (raw bits: uint16, or int32 for fp32)
     _ROW = tl.constexpr(16)
     _GUARD = tl.constexpr(TABLE_GUARD_BYTES)  # workspace bytes before the first program's
+    _FMT_LOSSY = tl.constexpr(planes.FMT_LOSSY)
 
     @triton.jit
     def _row_of(tab_ptr, n_tensors, p, MAX_TENSORS: tl.constexpr):
@@ -149,21 +150,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_step(
-        x, ptr, end, base, i, cnt, n, slot_sym, fc_of, words, raw, scales, out,
+        x, ptr, end, rel, origin, i, cnt, n, slot_sym, fc_of, words, raw, scales, out,
         r0, r1, r2, r3,
         LANES: tl.constexpr, PROB_BITS: tl.constexpr, FMT: tl.constexpr, K: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, NORMALIZE: tl.constexpr, OUT: tl.constexpr,
         FULL: tl.constexpr,
     ):  # fmt: skip
         """One step of a chunk's lanes, at their indices ``i`` in the chunk (those < ``cnt`` are
-        valid; element indices base + i, int64): decode a symbol per valid lane through the
-        tables, renormalize (the lanes that need a word take the next ones in lane order), merge
-        the symbols with their raw bits (r0..r3, loaded 4 steps earlier), store the floats, and
-        load the raw bits of the lanes' step 4 steps later. Invalid lanes keep their state and
-        read nothing. With FULL the caller vouches that every lane is valid and so is its step 4
-        steps later: no compare, select or predicate for it (the full trips: all but the last
-        one or two of a chunk, none when it has fewer than 8 whole steps). ``words`` points at
-        the chunk's first word, ``ptr`` and ``end`` count words from there (int32). Returns
+        valid; element indices origin + rel + i, where origin (int64) is a multiple of 8 blocks
+        at or before the chunk, so that offsets from it are int32 and keep a packed field's byte
+        phase; ``out`` points at the origin's element): decode a symbol per valid lane through
+        the tables, renormalize (the lanes that need a word take the next ones in lane order),
+        merge the symbols with their raw bits (r0..r3, loaded 4 steps earlier), store the floats,
+        and load the raw bits of the lanes' step 4 steps later. Invalid lanes keep their state
+        and read nothing. With FULL the caller vouches that every lane is valid and so is its
+        step 4 steps later: no compare, select or predicate for it (the full trips: all but the
+        last one or two of a chunk, none when it has fewer than 8 whole steps). ``words`` points
+        at the chunk's first word, ``ptr`` and ``end`` count words from there (int32). Returns
         (states, word pointer, the raw bits loaded)."""
         M: tl.constexpr = 1 << PROB_BITS
         AHEAD: tl.constexpr = 4 * LANES
@@ -187,16 +190,16 @@ if HAS_TRITON:
         w = w.to(tl.uint16, bitcast=True).to(tl.uint32)
         x = tl.where(need, (x << 16) | w, x)
         planes_triton.merge_raw(
-            sym, r0, r1, r2, r3, base + i, valid, out, FMT, K, BLOCK_SIZE, NORMALIZE, OUT
+            sym, r0, r1, r2, r3, rel + i, valid, out, FMT, K, BLOCK_SIZE, NORMALIZE, OUT
         )
         r0, r1, r2, r3 = planes_triton.load_raw(
-            base + i + AHEAD, ahead, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+            rel + i + AHEAD, ahead, n, raw, scales, origin, FMT, K, BLOCK_SIZE, NORMALIZE
         )
         return x, ptr + taken, r0, r1, r2, r3
 
     @triton.jit
     def _decode_trip(
-        x, ptr, end, base, i, cnt, n, slot_sym, fc_of, words, raw, scales, out,
+        x, ptr, end, rel, origin, i, cnt, n, slot_sym, fc_of, words, raw, scales, out,
         a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3,
         LANES: tl.constexpr, PROB_BITS: tl.constexpr, FMT: tl.constexpr, K: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, NORMALIZE: tl.constexpr, OUT: tl.constexpr,
@@ -206,19 +209,22 @@ if HAS_TRITON:
         loads the same set for 4 steps later into it (separate registers, never moved: a move
         would wait for the load)."""
         x, ptr, a0, a1, a2, a3 = _decode_step(
-            x, ptr, end, base, i, cnt, n, slot_sym, fc_of, words, raw, scales, out,
+            x, ptr, end, rel, origin, i, cnt, n, slot_sym, fc_of, words, raw, scales, out,
             a0, a1, a2, a3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, FULL,
         )  # fmt: skip
         x, ptr, b0, b1, b2, b3 = _decode_step(
-            x, ptr, end, base, i + LANES, cnt, n, slot_sym, fc_of, words, raw, scales, out,
+            x, ptr, end, rel, origin, i + LANES, cnt, n, slot_sym, fc_of, words, raw, scales,
+            out,
             b0, b1, b2, b3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, FULL,
         )  # fmt: skip
         x, ptr, c0, c1, c2, c3 = _decode_step(
-            x, ptr, end, base, i + 2 * LANES, cnt, n, slot_sym, fc_of, words, raw, scales, out,
+            x, ptr, end, rel, origin, i + 2 * LANES, cnt, n, slot_sym, fc_of, words, raw, scales,
+            out,
             c0, c1, c2, c3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, FULL,
         )  # fmt: skip
         x, ptr, d0, d1, d2, d3 = _decode_step(
-            x, ptr, end, base, i + 3 * LANES, cnt, n, slot_sym, fc_of, words, raw, scales, out,
+            x, ptr, end, rel, origin, i + 3 * LANES, cnt, n, slot_sym, fc_of, words, raw, scales,
+            out,
             d0, d1, d2, d3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, FULL,
         )  # fmt: skip
         return x, ptr, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3
@@ -278,6 +284,23 @@ if HAS_TRITON:
         scales = scale_ptr + tl.load(row + _R_SCALES)
         out = out_ptr + tl.load(row + _R_OUT)
         base = c * CHUNK
+        # Lossy: element offsets from an origin at or before the chunk, 8 blocks aligned: int32
+        # (a third fewer instructions a step than int64 indices), and a packed field's (and a
+        # block scale's) byte phase is the offset's. Lossless keeps int64 indices from 0: its
+        # whole bytes need little index arithmetic, and the model had the int32 form's loads
+        # scheduled later (chain 956 -> 979 cycles a trip, over the issue bound at a layer's
+        # 25 resident warps)
+        if FMT == _FMT_LOSSY:
+            if NORMALIZE:
+                tl.static_assert(8 * BLOCK_SIZE + CHUNK < 2**31, "blocks too large for offsets")
+                origin = base - base % (8 * BLOCK_SIZE)
+            else:
+                origin = base - base % 8
+            rel = (base - origin).to(tl.int32)
+        else:
+            origin = 0
+            rel = base
+        out_o = out + origin
         # the prologue: this program's decode tables, in its own region of the workspace.
         # Triton allocates no shared memory on request, so the tables go through global memory
         # (L1-resident: M + 1024 bytes); the barrier (bar.sync: a CTA's global stores before it
@@ -302,19 +325,19 @@ if HAS_TRITON:
         steps = (cnt + LANES - 1) // LANES
         i = lanes
         a0, a1, a2, a3 = planes_triton.load_raw(
-            base + i, i < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+            rel + i, i < cnt, n, raw, scales, origin, FMT, K, BLOCK_SIZE, NORMALIZE
         )
         i += LANES
         b0, b1, b2, b3 = planes_triton.load_raw(
-            base + i, i < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+            rel + i, i < cnt, n, raw, scales, origin, FMT, K, BLOCK_SIZE, NORMALIZE
         )
         i += LANES
         c0, c1, c2, c3 = planes_triton.load_raw(
-            base + i, i < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+            rel + i, i < cnt, n, raw, scales, origin, FMT, K, BLOCK_SIZE, NORMALIZE
         )
         i += LANES
         d0, d1, d2, d3 = planes_triton.load_raw(
-            base + i, i < cnt, n, raw, scales, FMT, K, BLOCK_SIZE, NORMALIZE
+            rel + i, i < cnt, n, raw, scales, origin, FMT, K, BLOCK_SIZE, NORMALIZE
         )
         tl.static_assert(UNROLL == 4, "the step loops below are written out for 4 steps a trip")
         # the full trips first: all 4 steps' lanes valid, and those of the 4 steps they load
@@ -323,14 +346,16 @@ if HAS_TRITON:
         full_end = tl.maximum(full - 4, 0) // UNROLL * UNROLL
         for s in range(0, full_end, UNROLL):
             x, ptr, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3 = _decode_trip(
-                x, ptr, end, base, s * LANES + lanes, cnt, n, slot_sym, fc_of, words, raw,
-                scales, out, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3,
+                x, ptr, end, rel, origin, s * LANES + lanes, cnt, n, slot_sym, fc_of, words,
+                raw, scales, out_o, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2,
+                d3,
                 LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, True,
             )  # fmt: skip
         for s in range(full_end, steps, UNROLL):
             x, ptr, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3 = _decode_trip(
-                x, ptr, end, base, s * LANES + lanes, cnt, n, slot_sym, fc_of, words, raw,
-                scales, out, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3,
+                x, ptr, end, rel, origin, s * LANES + lanes, cnt, n, slot_sym, fc_of, words,
+                raw, scales, out_o, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2,
+                d3,
                 LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, False,
             )  # fmt: skip
         ok = (tl.sum((x != 65536).to(tl.int32), 0) == 0) & (ptr == end)

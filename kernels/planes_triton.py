@@ -66,6 +66,8 @@ if HAS_TRITON:
         (uint8: widened where used, so that a loop carrying them waits for no load); b1 is 0
         where no field straddles two bytes (WIDTH 1, 2, 4, 8)."""
         byte = (offs >> 3) * WIDTH + (((offs & 7) * WIDTH) >> 3)
+        if offs.dtype == tl.int32:  # offsets from a chunk's origin: bound them in int32 too
+            total = tl.minimum(total, 2**31 - 1).to(tl.int32)
         b0 = _load(field_ptr + byte, mask)
         if WIDTH == 1 or WIDTH == 2 or WIDTH == 4 or WIDTH == 8:
             b1 = tl.zeros_like(b0)
@@ -88,6 +90,7 @@ if HAS_TRITON:
         n,
         raw_ptr,
         scale_ptr,
+        origin,
         FMT: tl.constexpr,
         K: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
@@ -100,23 +103,31 @@ if HAS_TRITON:
         only, so that the rANS decoder can issue them steps ahead and nothing waits for them
         until the merge: whole bytes come widened to uint32 (the load widens them), a packed
         field's bytes as loaded (uint8; merge_raw widens them: widening a masked load is an AND
-        that would wait for it). ``mask`` None: every element is in range."""
+        that would wait for it). ``mask`` None: every element is in range.
+
+        Elements are ``origin + offs``: ``origin`` a multiple of 8 (of 8 * BLOCK_SIZE with
+        NORMALIZE), so that the offsets keep a packed field's byte phase (and a block scale's);
+        the rANS decoder passes its chunk's origin and int32 offsets, others 0 and int64."""
         n = tl.cast(n, tl.int64)  # sizes below are products of n: keep them 64-bit
+        o = tl.cast(origin, tl.int64)
         if FMT == _LOSSY:
-            r0, r1 = field_bytes(raw_ptr, offs, mask, ((K + 1) * n + 7) // 8, K + 1)
+            at = o * (K + 1) // 8  # the origin's byte in the field
+            r0, r1 = field_bytes(raw_ptr + at, offs, mask, ((K + 1) * n + 7) // 8 - at, K + 1)
         else:
-            r0 = _load(raw_ptr + offs, mask).to(tl.uint32)  # a whole byte: widened by the load
+            r0 = _load(raw_ptr + o + offs, mask).to(tl.uint32)  # a whole byte: widened by the load
             r1 = tl.zeros_like(r0)
         r2 = tl.zeros_like(r0)
         r3 = tl.zeros_like(r0)
         if FMT == _FP16:
-            r1, _ = field_bytes(raw_ptr + n, offs, mask, (2 * n + 7) // 8, 2)
+            r1, _ = field_bytes(raw_ptr + n + o // 4, offs, mask, (2 * n + 7) // 8 - o // 4, 2)
         elif FMT == _FP32:
-            r1 = _load(raw_ptr + n + offs, mask).to(tl.uint32)
-            r2 = _load(raw_ptr + 2 * n + offs, mask).to(tl.uint32)
+            r1 = _load(raw_ptr + n + o + offs, mask).to(tl.uint32)
+            r2 = _load(raw_ptr + 2 * n + o + offs, mask).to(tl.uint32)
         elif FMT == _LOSSY and NORMALIZE:
             nb = (n + BLOCK_SIZE - 1) // BLOCK_SIZE
-            r2, r3 = field_bytes(scale_ptr, offs // BLOCK_SIZE, mask, (7 * nb + 7) // 8, 7)
+            at = o // BLOCK_SIZE * 7 // 8  # the origin's block's byte in the scales
+            total = (7 * nb + 7) // 8 - at
+            r2, r3 = field_bytes(scale_ptr + at, offs // BLOCK_SIZE, mask, total, 7)
         return r0, r1, r2, r3
 
     @triton.jit
@@ -140,7 +151,8 @@ if HAS_TRITON:
 
         ``out_ptr`` holds raw bits: uint16 for bf16/fp16 outputs, int32 for fp32 (OUT says which
         of FMT_BF16/FP16/FP32 the output is; lossless formats write their own dtype). ``mask``
-        None: every element is in range.
+        None: every element is in range. ``offs`` counts from an origin as in load_raw, where
+        ``out_ptr`` points.
         """
         s = sym.to(tl.uint32)
         r0 = r0.to(tl.uint32)
@@ -196,7 +208,9 @@ if HAS_TRITON:
         offs = pid * TILE + tl.arange(0, TILE)
         mask = offs < n
         sym = tl.load(sym_ptr + offs, mask=mask, other=0)
-        r0, r1, r2, r3 = load_raw(offs, mask, n, raw_ptr, scale_ptr, FMT, K, BLOCK_SIZE, NORMALIZE)
+        r0, r1, r2, r3 = load_raw(
+            offs, mask, n, raw_ptr, scale_ptr, 0, FMT, K, BLOCK_SIZE, NORMALIZE
+        )
         merge_raw(sym, r0, r1, r2, r3, offs, mask, out_ptr, FMT, K, BLOCK_SIZE, NORMALIZE, OUT)
 
     @triton.jit
