@@ -51,6 +51,8 @@ class CodecConfig:
             raise ValueError(f"mantissa_bits must be an int in 0..7, got {self.mantissa_bits!r}")
         if not _power_of_two(self.block_size):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size!r}")
+        if self.block_size > 1 << 24:  # the GPU decoder counts 8 blocks + a chunk in int32
+            raise ValueError(f"block_size must be at most 2**24, got {self.block_size}")
         if not isinstance(self.normalize, bool):
             raise ValueError(f"normalize must be a bool, got {self.normalize!r}")
         if not _power_of_two(self.lanes) or self.lanes > 1024:

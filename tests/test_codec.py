@@ -240,6 +240,7 @@ def test_unsupported_dtype_is_refused():
         ({"block_size": 3}, "block_size must be a positive power of two, got 3"),
         ({"block_size": 0}, "block_size"),
         ({"block_size": True}, "block_size"),
+        ({"block_size": 1 << 25}, "block_size must be at most 2\\*\\*24, got 33554432"),
         ({"codec": "gzip"}, "codec must be one of"),
         ({"chunk_size": 100}, "chunk_size"),
     ],
