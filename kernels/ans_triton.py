@@ -213,19 +213,19 @@ if HAS_TRITON:
             a0, a1, a2, a3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, FULL,
         )  # fmt: skip
         x, ptr, b0, b1, b2, b3 = _decode_step(
-            x, ptr, end, rel, origin, i + LANES, cnt, n, slot_sym, fc_of, words, raw, scales,
-            out,
-            b0, b1, b2, b3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, FULL,
+            x, ptr, end, rel, origin, i + LANES, cnt, n, slot_sym, fc_of, words, raw,
+            scales, out, b0, b1, b2, b3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE,
+            OUT, FULL,
         )  # fmt: skip
         x, ptr, c0, c1, c2, c3 = _decode_step(
-            x, ptr, end, rel, origin, i + 2 * LANES, cnt, n, slot_sym, fc_of, words, raw, scales,
-            out,
-            c0, c1, c2, c3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, FULL,
+            x, ptr, end, rel, origin, i + 2 * LANES, cnt, n, slot_sym, fc_of, words, raw,
+            scales, out, c0, c1, c2, c3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE,
+            OUT, FULL,
         )  # fmt: skip
         x, ptr, d0, d1, d2, d3 = _decode_step(
-            x, ptr, end, rel, origin, i + 3 * LANES, cnt, n, slot_sym, fc_of, words, raw, scales,
-            out,
-            d0, d1, d2, d3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, FULL,
+            x, ptr, end, rel, origin, i + 3 * LANES, cnt, n, slot_sym, fc_of, words, raw,
+            scales, out, d0, d1, d2, d3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE,
+            OUT, FULL,
         )  # fmt: skip
         return x, ptr, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3
 
@@ -285,7 +285,7 @@ if HAS_TRITON:
         out = out_ptr + tl.load(row + _R_OUT)
         base = c * CHUNK
         # Lossy: element offsets from an origin at or before the chunk, 8 blocks aligned: int32
-        # (a third fewer instructions a step than int64 indices), and a packed field's (and a
+        # (a fifth fewer instructions a step than int64 indices), and a packed field's (and a
         # block scale's) byte phase is the offset's. Lossless keeps int64 indices from 0: its
         # whole bytes need little index arithmetic, and the model had the int32 form's loads
         # scheduled later (chain 956 -> 979 cycles a trip, over the issue bound at a layer's
@@ -347,16 +347,14 @@ if HAS_TRITON:
         for s in range(0, full_end, UNROLL):
             x, ptr, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3 = _decode_trip(
                 x, ptr, end, rel, origin, s * LANES + lanes, cnt, n, slot_sym, fc_of, words,
-                raw, scales, out_o, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2,
-                d3,
-                LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, True,
+                raw, scales, out_o, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1,
+                d2, d3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, True,
             )  # fmt: skip
         for s in range(full_end, steps, UNROLL):
             x, ptr, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3 = _decode_trip(
                 x, ptr, end, rel, origin, s * LANES + lanes, cnt, n, slot_sym, fc_of, words,
-                raw, scales, out_o, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2,
-                d3,
-                LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, False,
+                raw, scales, out_o, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1,
+                d2, d3, LANES, PROB_BITS, FMT, K, BLOCK_SIZE, NORMALIZE, OUT, False,
             )  # fmt: skip
         ok = (tl.sum((x != 65536).to(tl.int32), 0) == 0) & (ptr == end)
         tl.store(status_ptr + p, ok.to(tl.int8))
