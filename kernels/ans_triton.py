@@ -284,18 +284,12 @@ if HAS_TRITON:
         scales = scale_ptr + tl.load(row + _R_SCALES)
         out = out_ptr + tl.load(row + _R_OUT)
         base = c * CHUNK
-        # Lossy: element offsets from an origin at or before the chunk, 8 blocks aligned: int32
-        # (a fifth fewer instructions a step than int64 indices), and a packed field's (and a
-        # block scale's) byte phase is the offset's. Lossless keeps int64 indices from 0: its
-        # whole bytes need little index arithmetic, and the model had the int32 form's loads
-        # scheduled later (chain 956 -> 979 cycles a trip, over the issue bound at a layer's
-        # 25 resident warps)
+        # Lossy: int32 offsets (a fifth fewer instructions a step) from an origin 8 blocks
+        # aligned, so a field's and a scale's byte phase is the offset's. Lossless keeps int64
+        # indices from 0 (its int32 form had a raw load scheduled later: BENCHMARKS.md)
         if FMT == _FMT_LOSSY:
-            if NORMALIZE:
-                tl.static_assert(8 * BLOCK_SIZE + CHUNK < 2**31, "blocks too large for offsets")
-                origin = base - base % (8 * BLOCK_SIZE)
-            else:
-                origin = base - base % 8
+            tl.static_assert(8 * BLOCK_SIZE + CHUNK < 2**31, "blocks too large for offsets")
+            origin = base - base % (8 * BLOCK_SIZE if NORMALIZE else 8)
             rel = (base - origin).to(tl.int32)
         else:
             origin = 0
