@@ -71,10 +71,11 @@ if HAS_TRITON:
         b0 = _load(field_ptr + byte, mask)
         if WIDTH == 1 or WIDTH == 2 or WIDTH == 4 or WIDTH == 8:
             b1 = tl.zeros_like(b0)
-        elif mask is None:
-            b1 = tl.load(field_ptr + byte + 1, mask=byte + 1 < total, other=0)
         else:
-            b1 = tl.load(field_ptr + byte + 1, mask=mask & (byte + 1 < total), other=0)
+            inside = byte + 1 < total  # the last byte has no successor
+            if mask is not None:
+                inside = inside & mask
+            b1 = tl.load(field_ptr + byte + 1, mask=inside, other=0)
         return b0, b1
 
     @triton.jit
