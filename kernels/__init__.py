@@ -1,10 +1,10 @@
 """Bit-level compute: plane split/merge, lossy pack/unpack, rANS and zstd exponent coders.
 
 Each concept has a torch reference (the CPU path) and, where a GPU pays off, Triton kernels with
-their launchers: planes.py and ans.py keep theirs in planes_triton.py, ans_triton.py (decoder)
-and ans_encode_triton.py (encoder), which share lanes_triton.py's ballot ranks; crc.py's short
-kernel sits beside its reference. Nothing
-here imports the rest of the project; Triton is optional.
+their launchers: planes.py and ans.py keep theirs in planes_triton.py, ans_triton.py (decoder;
+its host-side tensor table is in ans_jobs.py) and ans_encode_triton.py (encoder), which share
+lanes_triton.py's ballot ranks; crc.py's short kernel sits beside its reference. Nothing here
+imports the rest of the project; Triton is optional.
 """
 
 from __future__ import annotations

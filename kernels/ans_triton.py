@@ -16,8 +16,6 @@ against its CPU reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from . import HAS_TRITON, planes, planes_triton
@@ -30,6 +28,7 @@ from .ans import (
     n_chunks,
     table_words,
 )
+from .ans_jobs import DecodeJob, planes_of, same_storages, tensor_table
 
 # ---------------------------------------------------------------------------------------------
 # kernels: the decoder (one program per chunk of a block, table build and merge fused)
@@ -363,100 +362,7 @@ _LUT_TILE = 32
 # Table lengths summed per trip when a program finds where its chunk's table starts (the sum of
 # the lengths before it: c / START_TILE dependent trips, 8 bytes per thread each)
 _START_TILE = 256
-
-
-@dataclass(frozen=True)
-class DecodeJob:
-    """One tensor for :func:`decode_block_triton`: its (validated) stream, raw plane, block
-    scales (lossy with normalization) and 1-D output, and the first chunk to decode."""
-
-    stream: AnsStream
-    raw: torch.Tensor
-    scales: torch.Tensor | None
-    out: torch.Tensor
-    first_chunk: int = 0
-
-
-# The planes a launch reads and writes, by tensor-table field (the _R_* constants above); each
-# is passed as one base pointer, a view of the storage the planes of that kind share
-_PLANE_FIELDS = (
-    ("words", 3),
-    ("states", 4),
-    ("word_offsets", 5),
-    ("table_lo", 6),
-    ("table_len", 7),
-    ("table_freq", 8),
-    ("raw", 10),
-    ("scales", 11),
-    ("out", 12),
-)
-_ROW_FIELDS = 16
 _MAX_TENSORS = 32  # tensors per launch (the program → tensor search is one vector this wide)
-
-
-def _planes_of(job: DecodeJob) -> dict[str, torch.Tensor]:
-    st = job.stream
-    return {
-        "words": st.words,
-        "states": st.states,
-        "word_offsets": st.word_offsets,
-        "table_lo": st.table_lo,
-        "table_len": st.table_len,
-        "table_freq": st.table_freq,
-        "raw": job.raw,
-        "scales": job.raw if job.scales is None else job.scales,
-        "out": planes_triton.out_bits_view(job.out),
-    }
-
-
-def _storage_at(t: torch.Tensor) -> int | None:
-    """Address of the storage ``t`` views (None for an empty tensor: it is never read)."""
-    return t.untyped_storage().data_ptr() if t.numel() else None
-
-
-def _same_storages(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    """Whether every plane of ``b`` views the storage of the same plane of ``a`` (or is empty)."""
-    for name, _ in _PLANE_FIELDS:
-        sa, sb = _storage_at(a[name]), _storage_at(b[name])
-        if sa is not None and sb is not None and sa != sb:
-            return False
-    return True
-
-
-def _base_and_offsets(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-    """A view (in their dtype) of the storage ``tensors`` view, and each one's element offset
-    into it (0 for an empty tensor)."""
-    held = [t for t in tensors if t.numel()]
-    if not held:
-        return tensors[0], [0] * len(tensors)
-    storage = held[0].untyped_storage()
-    at, dtype = storage.data_ptr(), held[0].dtype
-    base = torch.empty(0, dtype=dtype, device=held[0].device)
-    base.set_(storage, 0, (storage.nbytes() // dtype.itemsize,))
-    return base, [(t.data_ptr() - at) // dtype.itemsize if t.numel() else 0 for t in tensors]
-
-
-def tensor_table(
-    jobs: list[DecodeJob], chunk_size: int
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """(tensor table, base pointer per plane kind, programs) of one launch over ``jobs``, whose
-    planes of each kind view one storage. The table is int64 [len(jobs), _ROW_FIELDS] on the
-    jobs' device (see the _R_* fields)."""
-    dev = jobs[0].out.device
-    planes_ = [_planes_of(j) for j in jobs]
-    bases, rows, programs = {}, [[0] * _ROW_FIELDS for _ in jobs], 0
-    for name, field in _PLANE_FIELDS:
-        bases[name], offsets = _base_and_offsets([p[name] for p in planes_])
-        for row, off in zip(rows, offsets, strict=True):
-            row[field] = off
-    for row, j in zip(rows, jobs, strict=True):
-        row[0], row[1], row[2] = programs, j.first_chunk, j.out.numel()
-        row[9] = j.stream.table_freq.numel()
-        programs += n_chunks(j.out.numel(), chunk_size) - j.first_chunk
-    table = torch.tensor(rows, dtype=torch.int64)
-    if dev.type == "cuda":  # pinned: the copy is queued on the current stream, not waited for
-        table = table.pin_memory().to(dev, non_blocking=True)
-    return table, bases, programs
 
 
 def _launch(
@@ -546,7 +452,7 @@ def decode_block_triton(
     groups: list[list[DecodeJob]] = []
     for j in jobs:  # consecutive jobs whose planes share storages go in one launch
         g = groups[-1] if groups else None
-        if g and len(g) < _MAX_TENSORS and _same_storages(_planes_of(g[0]), _planes_of(j)):
+        if g and len(g) < _MAX_TENSORS and same_storages(planes_of(g[0]), planes_of(j)):
             g.append(j)
         else:
             groups.append([j])
