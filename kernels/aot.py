@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,18 +349,35 @@ def compile_specs(
     """
     if not archs:
         raise ValueError("archs must name at least one architecture, got none")
-    specs = list(dict.fromkeys(specs))
-    roots = {r for r in (_import_root(s.module) for s in specs) if r}
+    plan = {arch: specs for arch in archs}
+    return compile_plan(
+        plan, python_path=python_path, python=python, workers=workers, timeout=timeout
+    )
+
+
+def compile_plan(
+    plan: Mapping[int, Sequence[Spec]],
+    *,
+    python_path: Sequence[str] = (),
+    python: str = sys.executable,
+    workers: int = 2,
+    timeout: float = 600.0,
+) -> CompileReport:
+    """Compile each architecture's specs (``plan``: arch -> specs), one subprocess per
+    architecture, the longest lists first; otherwise as :func:`compile_specs`."""
+    plan = {arch: list(dict.fromkeys(specs)) for arch, specs in plan.items()}
+    roots = {r for specs in plan.values() for r in (_import_root(s.module) for s in specs) if r}
     started = time.perf_counter()
     report = CompileReport()
-    if not specs:
+    archs = sorted((a for a in plan if plan[a]), key=lambda a: -len(plan[a]))
+    if not archs:
         return report
     with tempfile.TemporaryDirectory(prefix="nz_aot_") as tmp:
-        job = {"specs": [s.to_json() for s in specs], "paths": sorted(roots)}
 
         def run(arch: int) -> dict[str, Any]:
             job_path = Path(tmp) / f"job_{arch}.json"
             out_path = Path(tmp) / f"result_{arch}.json"
+            job = {"specs": [s.to_json() for s in plan[arch]], "paths": sorted(roots)}
             job_path.write_text(json.dumps({**job, "arch": arch}))
             cache = Path(tmp) / f"cache_{arch}"
             try:
@@ -383,15 +400,14 @@ def compile_specs(
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             outputs = list(pool.map(run, archs))
-    for out in outputs:
+    for out in sorted(outputs, key=lambda o: o["arch"]):
         report.triton_version = out["triton"]
-        for spec, r in zip(specs, out["results"], strict=True):
+        for spec, r in zip(plan[out["arch"]], out["results"], strict=True):
             report.results.append(CompileResult(spec=spec, arch=out["arch"], **r))
     report.seconds = time.perf_counter() - started
     log.info(
-        "compiled %d specializations for %s in %.1f s (triton %s): %d failed",
-        len(specs),
-        ", ".join(f"sm_{a}" for a in archs),
+        "compiled %s in %.1f s (triton %s): %d failed",
+        ", ".join(f"{len(plan[a])} specializations for sm_{a}" for a in sorted(archs)),
         report.seconds,
         report.triton_version,
         len(report.failures()),

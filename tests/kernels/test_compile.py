@@ -37,6 +37,10 @@ PRODUCTION_KERNELS = {
     "_decode_kernel",
     "_merge_kernel",
 }
+# Specializations the tests alone launch (other constexprs and alignments of the same code)
+# compile for the oldest and the newest architecture; the production ones for all of aot.ARCHS.
+# Compiling every one for all four took ~7.5 of the suite's ~15 minutes.
+SESSION_ARCHS = (80, 90)
 
 
 def _compile_kernels_script():
@@ -165,6 +169,22 @@ def test_a_sound_kernel_compiles_without_spills(controls):
     assert r.registers and r.spills == 0
 
 
+def test_a_plan_compiles_each_architecture_its_own_specs():
+    rec = aot.LaunchRecorder()
+    with rec.recording():
+        x = torch.zeros(64)
+        broken.constexpr_global_kernel[(1,)](x, 64, BLOCK=64)
+        broken.constexpr_global_kernel[(1,)](x, 32, BLOCK=32)
+    wide, narrow = rec.specs()
+    report = aot.compile_plan({90: [wide], 80: [wide, narrow], 86: []})
+    assert sorted((r.arch, dict(r.spec.constexprs)["BLOCK"]) for r in report.results) == [
+        (80, 32),
+        (80, 64),
+        (90, 64),
+    ]
+    assert all(r.ok and r.registers for r in report.results), report.failures()
+
+
 def test_a_kernel_that_cannot_be_imported_is_reported():
     spec = aot.Spec("no_such_module_xyz", "k", (("x", "*fp32", "D"),), (), ())
     report = aot.compile_specs([spec], archs=(80,))
@@ -190,30 +210,41 @@ def _describe_failures(report) -> str:
 
 
 def test_every_kernel_compiles_for_real_gpus(launch_recorder):
-    """Runs last (conftest): every specialization launched in this session, plus the production
-    settings, compiles for sm_80/86/89/90; the decode path does not spill."""
+    """Runs last (conftest): the production settings compile for sm_80/86/89/90, and every
+    other specialization launched in this session for the oldest and the newest of them
+    (SESSION_ARCHS); the decode path does not spill."""
     script = _compile_kernels_script()
     rec = launch_recorder if launch_recorder is not None else aot.LaunchRecorder()
     session_specs = len(rec.specs())
+    production_rec = aot.LaunchRecorder()
     started = time.perf_counter()
-    with rec.recording():
+    with rec.recording(), production_rec.recording():
         launch_failures = script.drive_production_defaults()
     driven = time.perf_counter() - started
     assert not rec.errors, "launches not recorded:\n" + "\n".join(rec.errors)
     # the project's kernels; kernels defined in tests (negative controls) are not
     specs = [s for s in rec.specs() if not s.module.startswith("tests.")]
-    missing = PRODUCTION_KERNELS - {s.name for s in specs}
+    production = set(production_rec.specs())
+    missing = PRODUCTION_KERNELS - {s.name for s in production}
     assert not missing, f"the production settings never launched {sorted(missing)}"
+    assert production <= set(specs)  # the session's recorder saw the drive too
 
-    report = aot.compile_specs(specs, aot.ARCHS)
+    plan = {
+        arch: specs if arch in SESSION_ARCHS else [s for s in specs if s in production]
+        for arch in aot.ARCHS
+    }
+    report = aot.compile_plan(plan)
     log.info(
-        "compile test: %d specializations (%d from the session), drive %.1f s, compile %.1f s",
+        "compile test: %d specializations (%d production, %d from the session), drive %.1f s, "
+        "compile %.1f s",
         len(specs),
+        len(production),
         session_specs,
         driven,
         report.seconds,
     )
-    assert len(report.results) == len(specs) * len(aot.ARCHS)
+    assert len(report.results) == sum(len(p) for p in plan.values())
+    assert {r.arch for r in report.results if r.spec in production} == set(aot.ARCHS)
     problems = []
     if launch_failures:
         problems.append("launches that failed at the production settings:")
