@@ -3,8 +3,9 @@
 The interpreter alone accepts code the compiler refuses. tests/conftest.py records every launch of
 the session (kernels/aot.py) and runs this file last; the final test adds the launches of the
 production settings (benchmarks/compile_kernels.py drives the codec's Triton paths) and compiles
-each unique specialization for each architecture in a fresh cache. The negative controls first
-show that the machinery reports what it exists to catch.
+each unique specialization in a fresh cache: the production ones for each architecture, the
+others for the oldest and the newest (SESSION_ARCHS). The negative controls first show that the
+machinery reports what it exists to catch.
 """
 
 from __future__ import annotations
