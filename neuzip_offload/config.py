@@ -55,8 +55,11 @@ class CodecConfig:
             raise ValueError(f"block_size must be at most 2**24, got {self.block_size}")
         if not isinstance(self.normalize, bool):
             raise ValueError(f"normalize must be a bool, got {self.normalize!r}")
-        if not _power_of_two(self.lanes) or self.lanes > 1024:
-            raise ValueError(f"lanes must be a power of two up to 1024, got {self.lanes!r}")
+        if not _power_of_two(self.lanes) or self.lanes > ans.MAX_LANES:
+            raise ValueError(
+                f"lanes must be a power of two up to {ans.MAX_LANES} (the GPU codec keeps a "
+                f"chunk's lanes in one warp; more spill registers), got {self.lanes!r}"
+            )
         if not _is_int(self.prob_bits) or not 8 <= self.prob_bits <= 12:
             raise ValueError(f"prob_bits must be an int in 8..12, got {self.prob_bits!r}")
         if self.chunk_size is not None:

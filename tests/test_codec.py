@@ -250,6 +250,15 @@ def test_bad_settings_are_refused(kwargs, match):
         nzo.compress(torch.zeros(8), "lossy", **kwargs)
 
 
+@pytest.mark.parametrize("lanes", [256, 1024, 48, 0])
+def test_lanes_past_one_warps_registers_are_refused(lanes):
+    from neuzip_offload.config import CodecConfig
+
+    with pytest.raises(ValueError, match=f"lanes must be a power of two up to 128 .*warp.*{lanes}"):
+        CodecConfig(codec="ans", lanes=lanes)
+    assert CodecConfig(codec="ans", lanes=128).lanes == 128
+
+
 def test_bad_mode_is_refused():
     with pytest.raises(ValueError, match="mode must be one of"):
         nzo.compress(torch.zeros(8), "lossy-ish")
