@@ -41,8 +41,8 @@ DEFAULT_PROB_BITS = 12
 # ~0.012 bits per weight more: each lane's final state costs ~24 bits
 DEFAULT_LANES = 32
 # The GPU codec keeps a chunk's lanes in one warp (lanes / 32 states per thread). 128 compile
-# without spills on sm_80-90 (the decoder uses 72 registers on sm_90); 256 spill (decoder 16 B
-# stored and 24 loaded per thread, encoder 145 registers), 1024 spill kilobytes.
+# without spills for sm_80-90 with triton 3.9 and 3.6 (decoder 70-94 registers, encoder 79-128);
+# 256 spill on sm_90 (decoder 16 B stored and 24 loaded per thread), 1024 spill kilobytes.
 MAX_LANES = 128
 DEFAULT_CHUNK = 1 << 16
 # At most this many symbols go through one vectorized pass (temporaries: ~4-5 bytes per
