@@ -954,6 +954,7 @@ def model_recording(
 
 
 CHUNK_SIZES = (65536, 32768, 16384, 8192)
+TRADEOFF_LANES = (64,)  # lanes beside the default in the sub-stream table
 
 
 def minilm_bits(chunk: int, lanes: int) -> float | None:
@@ -975,16 +976,17 @@ def minilm_bits(chunk: int, lanes: int) -> float | None:
 
 
 def chunk_tradeoff(rec: Recording, args: argparse.Namespace) -> list[str]:
-    """The decode kernel as compiled for ``rec`` (the default lanes) and for 64 lanes (two
-    states per thread), at other chunk sizes (sub-streams): the modelled rates, the decode
-    workspace of an 8B layer, and MiniLM's measured bits per weight."""
+    """The decode kernel as compiled for ``rec`` (the default lanes) and for each of
+    ``--tradeoff-lanes`` (64: two states per thread), at other chunk sizes (sub-streams): the
+    modelled rates, the decode workspace of an 8B layer, and MiniLM's measured bits per weight."""
     from neuzip_offload.kernels import ans
 
     lines = ["### lanes and chunk size: more states per SM (MODEL, sm_90; bits MEASURED)", ""]
     hw = HARDWARE[90]
     recordings = {ans.DEFAULT_LANES: rec}
-    if ans.DEFAULT_LANES != 64:
-        recordings[64] = record_decode(Case("bf16 lossless", "lossless", lanes=64))
+    for lanes in getattr(args, "tradeoff_lanes", TRADEOFF_LANES):
+        if lanes not in recordings:
+            recordings[lanes] = record_decode(Case("bf16 lossless", "lossless", lanes=lanes))
     rows = []
     for lanes, r in recordings.items():
         specs = list({ln.kernel: ln.spec for ln in r.launches}.values())
@@ -1090,7 +1092,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="compile with the Triton in this directory (e.g. pip install --target /tmp/t36 "
         "triton==3.6.0 --no-deps); launches are still recorded with the local one",
     )
+    p.add_argument(
+        "--tradeoff-lanes",
+        type=int,
+        nargs="+",
+        default=list(TRADEOFF_LANES),
+        help="lanes beside the default in the sub-stream table (powers of two up to 128)",
+    )
     args = p.parse_args(argv)
+    from neuzip_offload.kernels import ans
+
+    for lanes in args.tradeoff_lanes:
+        if lanes < 1 or lanes & (lanes - 1) or lanes > ans.MAX_LANES:
+            p.error(f"--tradeoff-lanes takes powers of two up to {ans.MAX_LANES}, got {lanes}")
     if args.quick:
         args.archs = [90]
     return args

@@ -385,6 +385,17 @@ def test_codec_model_quick_reads_the_decoder_sass(capsys):
     assert all(0 < v < 50 for v in share)  # the prologue is counted, and is not the kernel
 
 
+def test_codec_model_tradeoff_lanes_are_checked(capsys):
+    codec_model = _script("codec_model")
+    assert codec_model.parse_args([]).tradeoff_lanes == [64]
+    assert codec_model.parse_args(["--tradeoff-lanes", "64", "128"]).tradeoff_lanes == [64, 128]
+    for bad in ("256", "48"):
+        with pytest.raises(SystemExit):
+            codec_model.parse_args(["--tradeoff-lanes", bad])
+        err = capsys.readouterr().err
+        assert f"--tradeoff-lanes takes powers of two up to 128, got {bad}" in err
+
+
 def test_codec_model_chunk_tradeoff_rows(monkeypatch):
     """The sub-stream table: one row per chunk size, smaller chunks give a lone tensor more
     programs (faster) and cost bits (stubbed here: the real run compresses MiniLM)."""
