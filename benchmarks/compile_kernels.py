@@ -51,7 +51,9 @@ def production_cases() -> list[tuple[torch.dtype, dict]]:
     return cases
 
 
-def drive_production_defaults(n: int = 1024, device: str | None = None) -> list[str]:
+def drive_production_defaults(
+    n: int = 1024, device: str | None = None, lanes: int | None = None
+) -> list[str]:
     """Run the codec's Triton launchers at the production settings; returns what failed.
 
     Compression takes the GPU path (Triton split and, once per rANS setting, the Triton
@@ -60,7 +62,8 @@ def drive_production_defaults(n: int = 1024, device: str | None = None) -> list[
     (LUT + fused decode kernels) and zstd (merge kernels), and, once (its loop over a whole
     segment costs seconds in the interpreter; its specialization does not depend on the mode),
     the planes' device CRC. ``n`` (a multiple of 16, as real weights are) keeps the interpreter
-    quick; launch specializations do not depend on it beyond its divisibility.
+    quick; launch specializations do not depend on it beyond its divisibility. ``lanes`` replaces
+    the default rANS lanes (CodecConfig checks it).
     """
     from neuzip_offload import codec
     from neuzip_offload import compressed as fmt
@@ -70,12 +73,13 @@ def drive_production_defaults(n: int = 1024, device: str | None = None) -> list[
     failures: list[str] = []
     encoded: set[tuple[int, int, int]] = set()
     checksummed = False
+    extra = {} if lanes is None else {"lanes": lanes}
     gen = torch.Generator().manual_seed(0)
     original: Callable = codec._use_triton
     try:
         for dtype, fields in production_cases():
             for codec_name in ("ans", "zstd"):
-                cfg = CodecConfig(codec=codec_name, **fields)
+                cfg = CodecConfig(codec=codec_name, **fields, **extra)
                 label = f"{dtype} {codec_name} {fields}"
                 setting = (cfg.resolved_chunk_size, cfg.lanes, cfg.prob_bits)
                 # The rANS encoder runs on the device path once per setting; the other cases
@@ -140,11 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tests", nargs="*", default=[], help="also record the launches of tests")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--n", type=int, default=1024, help="elements per driven tensor")
+    p.add_argument("--lanes", type=int, help="rANS lanes of the driven settings (default: 32)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     recorder = aot.LaunchRecorder().install()
-    failures = drive_production_defaults(args.n)
+    failures = drive_production_defaults(args.n, lanes=args.lanes)
     if args.tests:
         import pytest
 

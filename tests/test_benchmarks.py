@@ -503,3 +503,9 @@ def test_gpu_check_moe_section_runs_on_the_cpu_and_a_crash_is_a_failed_row(monke
     assert rows[off] == ("FAILED", "RuntimeError: planted crash")
     assert [r for r in rows if r.startswith(off)] == [off]
     assert "Traceback" in report.trailer[0]
+
+
+def test_compile_kernels_refuses_lanes_the_codec_refuses():
+    compile_kernels = _script("compile_kernels")
+    with pytest.raises(ValueError, match="lanes must be a power of two up to 128"):
+        compile_kernels.drive_production_defaults(16, device="cpu", lanes=256)
