@@ -40,9 +40,11 @@ DEFAULT_PROB_BITS = 12
 # thread on the GPU; CodecConfig(lanes=64)) decode faster in the model (BENCHMARKS, issue 12) for
 # ~0.012 bits per weight more: each lane's final state costs ~24 bits
 DEFAULT_LANES = 32
-# The GPU codec keeps a chunk's lanes in one warp (lanes / 32 states per thread). 128 compile
-# without spills for sm_80-90 with triton 3.9 and 3.6 (decoder 70-94 registers, encoder 79-128);
-# 256 spill on sm_90 (decoder 16 B stored and 24 loaded per thread), 1024 spill kilobytes.
+# The GPU codec keeps a chunk's lanes in one warp (lanes / 32 states per thread), which is as far
+# as it is tested and compiled (`benchmarks/compile_kernels.py --lanes 128`: no spills on
+# sm_80-90 with triton 3.9 and 3.6; decoder <= 147 registers). More states per thread do not pay:
+# in the model 128 lanes already decode a lone tensor slower than 64 (BENCHMARKS, issue 12), and
+# each lane's final state costs bits. (Before the per-group ballots, 256 lanes spilled.)
 MAX_LANES = 128
 DEFAULT_CHUNK = 1 << 16
 # At most this many symbols go through one vectorized pass (temporaries: ~4-5 bytes per

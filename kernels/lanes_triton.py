@@ -25,9 +25,10 @@ if HAS_TRITON:
     def lane_ranks(flag):
         """For a boolean vector over a chunk's lanes: each lane's count of set lanes below it,
         and the set lanes in all (int32). Up to 32 lanes: a ballot (OR-reduce: one REDUX.OR)
-        and population counts; 64 (two per thread): a ballot per half, 32-63 after 0-31; more:
-        a prefix sum. The rANS decoder ranks the lanes that read a word, the encoder those that
-        write one."""
+        and population counts; 32 * G lanes (G per thread, G <= 4: ans.MAX_LANES): a ballot
+        per group of 32, each group's ranks after the groups below it (no prefix sum, which
+        costs 5 shuffles and their waits). The rANS decoder ranks the lanes that read a word,
+        the encoder those that write one."""
         W: tl.constexpr = flag.shape[0]
         lanes = tl.arange(0, W)
         if W <= 32:
@@ -36,18 +37,19 @@ if HAS_TRITON:
             ballot = tl.reduce(tl.where(flag, bit, 0), 0, _bit_or)
             rank = _popcount(ballot & below).to(tl.int32)
             total = _popcount(ballot).to(tl.int32)
-        elif W == 64:
-            upper = lanes >= 32
-            lane_bit = tl.full((W,), 1, tl.uint32) << (lanes & 31).to(tl.uint32)
-            below = lane_bit - 1
-            bit = tl.where(flag, lane_bit, 0)
-            low = tl.reduce(tl.where(upper, 0, bit), 0, _bit_or)
-            high = tl.reduce(tl.where(upper, bit, 0), 0, _bit_or)
-            n_low = _popcount(low).to(tl.int32)
-            rank = _popcount(tl.where(upper, high, low) & below).to(tl.int32)
-            rank += tl.where(upper, n_low, 0)
-            total = n_low + _popcount(high).to(tl.int32)
         else:
-            rank = tl.cumsum(flag.to(tl.int32), 0) - flag.to(tl.int32)
-            total = tl.sum(flag.to(tl.int32), 0)
+            tl.static_assert(W % 32 == 0, "more than 32 lanes come in groups of 32")
+            group = lanes >> 5
+            lane_bit = tl.full((W,), 1, tl.uint32) << (lanes & 31).to(tl.uint32)
+            bit = tl.where(flag, lane_bit, 0)
+            mine = tl.zeros((W,), tl.uint32)  # the ballot of each lane's group
+            before = tl.zeros((W,), tl.int32)  # the set lanes of the groups below it
+            total = tl.zeros((), tl.int32)
+            for g in tl.static_range(W // 32):
+                in_g = group == g
+                ballot = tl.reduce(tl.where(in_g, bit, 0), 0, _bit_or)
+                mine = tl.where(in_g, ballot, mine)
+                before = tl.where(in_g, total, before)
+                total += _popcount(ballot).to(tl.int32)
+            rank = _popcount(mine & (lane_bit - 1)).to(tl.int32) + before
         return rank, total
