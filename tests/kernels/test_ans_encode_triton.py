@@ -46,7 +46,8 @@ def _block(pb: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize(("prob_bits", "lanes"), [(10, 32), (12, 32), (12, 64), (12, 128)])
 def test_one_launch_writes_the_reference_streams(prob_bits, lanes):
     """Every tensor's stream equals ans.encode_many's bit for bit (dtypes included), from one
-    kernel launch; the CPU decoder reads each back. 64 and 128 lanes: two and four states per thread."""
+    kernel launch; the CPU decoder reads each back. 64 and 128 lanes: two and four states per
+    thread."""
     planes_ = _block(prob_bits)
     want = ans.encode_many(planes_, 256, lanes, prob_bits)
     rec = aot.LaunchRecorder()
