@@ -349,6 +349,7 @@ def compile_specs(
     """
     if not archs:
         raise ValueError("archs must name at least one architecture, got none")
+    specs = list(specs)
     plan = {arch: specs for arch in archs}
     return compile_plan(
         plan, python_path=python_path, python=python, workers=workers, timeout=timeout
