@@ -353,12 +353,12 @@ def test_gpu_check_layer_rows_run_on_the_cpu_backend(monkeypatch):
     ctx = gpu_check.Context(dev=torch.device("cpu"), report=gpu_check.Report(None, lambda s: None))
     gpu_check._layer_8b(ctx, pcie=25.0)
     rows = {what: (value, note) for what, value, note in ctx.report.rows}
-    for label in ("lossless", "lossy k=3"):
+    for label in ("lossless", "lossless 64 lanes", "lossy k=3"):
         for how in ("per tensor", "one launch"):
             value, note = rows[f"8B layer decode {label} ({how}), GB/s of bf16"]
             assert float(value) >= 0 and float(note.split(" ms")[0]) > 0
-    for chunk in ("64K", "16K"):
-        assert f"lone k_proj decode, chunk {chunk}, GB/s of bf16" in rows
+    for setting in ("64K", "16K", "64K, 64 lanes", "32K, 64 lanes"):
+        assert f"lone k_proj decode, chunk {setting}, GB/s of bf16" in rows
     assert "8B layer encode lossless (compress_many, wall), GB/s of bf16" in rows
 
 
