@@ -1100,10 +1100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="lanes beside the default in the sub-stream table (powers of two up to 128)",
     )
     args = p.parse_args(argv)
+    from neuzip_offload.config import CodecConfig
     from neuzip_offload.kernels import ans
 
     for lanes in args.tradeoff_lanes:
-        if lanes < 1 or lanes & (lanes - 1) or lanes > ans.MAX_LANES:
+        try:
+            CodecConfig(codec="ans", lanes=lanes)  # the codec's own rule for lanes
+        except ValueError:
             p.error(f"--tradeoff-lanes takes powers of two up to {ans.MAX_LANES}, got {lanes}")
     if args.quick:
         args.archs = [90]

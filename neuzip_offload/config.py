@@ -58,7 +58,8 @@ class CodecConfig:
         if not _power_of_two(self.lanes) or self.lanes > ans.MAX_LANES:
             raise ValueError(
                 f"lanes must be a power of two up to {ans.MAX_LANES} (the GPU codec keeps a "
-                f"chunk's lanes in one warp, at most 4 states per thread), got {self.lanes!r}"
+                f"chunk's lanes in one warp, {ans.MAX_LANES // 32} states per thread at most), "
+                f"got {self.lanes!r}"
             )
         if not _is_int(self.prob_bits) or not 8 <= self.prob_bits <= 12:
             raise ValueError(f"prob_bits must be an int in 8..12, got {self.prob_bits!r}")
